@@ -1,0 +1,744 @@
+"""PQCL: Patch-level Contrastive Learning via Positional Query (Zhang et al., ICML 2023).
+
+A self-supervised Vision Transformer is trained with iBOT (or DINO) plus one extra
+task. Small "query crops" are cut from the image; the EMA teacher sees them with
+pixels, the student sees them only as *positions*: one mask token per query patch
+plus the sincos embedding of where that patch lies inside a global view (Eq. 4, 5).
+Inside every block those query tokens cross-attend to the raw patches of the
+global view (Eq. 6), and their head outputs must match the teacher's tokens of the
+query crop (Eq. 8). No parameter is added to a plain ViT except the mask token.
+
+This file follows the paper top to bottom:
+    positions (Eq. 4) -> query-crop geometry (Fig. 2) -> block masks (iBOT)
+    -> augmentation -> ViT with query cross-attention (Eq. 3, 5, 6)
+    -> projection heads -> losses (Eq. 2, 8, 9) and centers -> PQCL module, EMA, schedules.
+
+Shape legend, used in every comment:
+    B  images in a batch          V  global views per image (2)
+    Q  query crops per image      S, s  global / query view side in pixels
+    G  patches per side of a global view (S / P), N = G * G patches
+    l  patches per side of a query crop (s / P), L = l * l query patches
+    P  patch size                 D  width, H heads, hd = D / H
+    R  raw tokens = 1 + N ([CLS] + patches)       K  prototypes (head output)
+
+Usage:
+    cfg = Config(arch="vit_small")
+    model = PQCL(cfg)
+    augment = PQCLAugmentation.from_config(cfg)   # PIL image -> dict of tensors
+    out = model(default_collate([augment(img) for img in images]))
+    out["loss"].backward(); optimizer.step(); model.update_teacher(momentum)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torch.nn.utils.parametrizations import weight_norm
+
+ARCHS = {  # name -> (embed_dim, depth, num_heads), the DeiT/timm sizes
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+FRAMEWORKS = ("ibot", "dino")
+HEAD_MODES = ("shared", "semi-shared", "vanilla")  # paper Table 7
+
+
+@dataclass
+class Config:
+    """The method's knobs. Defaults are the authors' ViT-S/16, 100-epoch ImageNet recipe."""
+
+    # backbone
+    arch: str = "vit_small"  # one of ARCHS
+    patch_size: int = 16  # P; 16 in every table of the paper
+    img_size: int = 224  # S, global view side
+    drop_path_rate: float = 0.1  # stochastic depth, student only (the teacher has none)
+    # views
+    global_scale: tuple = (0.25, 1.0)  # RandomResizedCrop area range of the 2 global views
+    query_size: int = 96  # s; 96 px = 6 x 6 query patches at P = 16 (paper Sec. 4.4)
+    query_scale: tuple = (0.05, 0.25)  # area range of query crops; Table 4: insensitive to it
+    num_queries: int = 1  # Q query crops per image; the authors use 1
+    # objective
+    framework: str = "ibot"  # 'ibot' adds the masked-patch term of Eq. 2, 'dino' has [CLS] only
+    query_weight: float = 1.0  # lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline
+    patch_weight: float = 1.0  # lambda of Eq. 2 (iBOT's masked-patch weight)
+    mask_ratios: tuple = (0.0, 0.3)  # iBOT pred_ratio: per view one is picked at random ...
+    mask_ratio_vars: tuple = (0.0, 0.2)  # ... and jittered by +- this: 0 or U(0.1, 0.5)
+    mask_aspect: tuple = (0.3, 1 / 0.3)  # block aspect-ratio range (BEiT)
+    # heads
+    head_mode: str = "shared"  # Table 7: 'shared' is best; 'semi-shared' = shared teacher head only
+    out_dim: int = 8192  # K prototypes; Table 6 finds little difference from 4096 to 16384
+    hidden_dim: int = 2048  # head MLP width
+    bottleneck_dim: int = 256  # l2-normalised bottleneck before the weight-normalised last layer
+    norm_last_layer: bool = False  # freeze the weight-norm gain; off for ViT-S (more stable when on)
+    # temperatures and centering
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # final teacher temperature; above 0.07 small ViTs can collapse
+    warmup_teacher_temp: float = 0.04  # start of the linear teacher-temperature warm-up
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9  # EMA of the teacher output means (one center per term)
+    # optimisation (AdamW with cosine schedules, as DINO/iBOT)
+    epochs: int = 100
+    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    lr: float = 5e-4  # per 256 images: lr = lr x global_batch / 256 (linear scaling rule)
+    min_lr: float = 1e-6  # end of the cosine decay
+    warmup_epochs: int = 30  # linear lr warm-up (paper Sec. 4.1)
+    weight_decay: float = 0.04  # cosine from this ...
+    weight_decay_end: float = 0.4  # ... to this; biases and norms are never decayed
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1; raise to 0.9995 for batch 256
+    clip_grad: float = 3.0  # per-parameter-tensor gradient-norm clip, as DINO/iBOT
+    freeze_last_layer_epochs: int = 1  # keep the heads' last layer fixed at the start: avoids collapse
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok, param, fix):
+            if not ok:
+                raise ValueError(f"{param}: {fix}")
+
+        need(self.arch in ARCHS, "arch", f"unknown architecture {self.arch!r}; use one of {sorted(ARCHS)}")
+        need(self.framework in FRAMEWORKS, "framework", f"unknown framework {self.framework!r}; use 'ibot' or 'dino'")
+        need(self.head_mode in HEAD_MODES, "head_mode", f"unknown head mode {self.head_mode!r}; use one of {HEAD_MODES}")
+        need(self.patch_size > 0, "patch_size", "must be a positive number of pixels")
+        need(self.img_size % self.patch_size == 0, "img_size",
+             f"{self.img_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
+        need(self.query_size % self.patch_size == 0, "query_size",
+             f"{self.query_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
+        for name in ("global_scale", "query_scale"):
+            lo, hi = getattr(self, name)
+            need(0 < lo <= hi <= 1, name, f"{(lo, hi)} must satisfy 0 < min <= max <= 1")
+        need(self.num_queries >= 0, "num_queries", "must be >= 0")
+        need(self.query_weight >= 0, "query_weight", "must be >= 0 (0 = plain baseline)")
+        need(self.query_weight == 0 or self.num_queries > 0, "num_queries",
+             "query_weight > 0 needs at least one query crop; set num_queries >= 1 or query_weight 0")
+        need(len(self.mask_ratios) == len(self.mask_ratio_vars) > 0, "mask_ratio_vars",
+             "give one variation per mask ratio")
+        for ratio, var in zip(self.mask_ratios, self.mask_ratio_vars):
+            need(0 <= var <= ratio and ratio + var < 1, "mask_ratios",
+                 f"ratio {ratio} +- {var} must stay inside [0, 1); lower the ratio or its variation")
+        need(0 < self.mask_aspect[0] <= self.mask_aspect[1], "mask_aspect", "must be 0 < min <= max")
+        need(self.out_dim > 0 and self.hidden_dim > 0 and self.bottleneck_dim > 0, "out_dim",
+             "head dimensions must be positive")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            need(getattr(self, name) > 0, name, "temperatures must be > 0")
+        for name in ("center_momentum", "momentum_teacher"):
+            need(0 <= getattr(self, name) <= 1, name, "a momentum must lie in [0, 1]")
+        need(0 <= self.drop_path_rate < 1, "drop_path_rate", "must lie in [0, 1)")
+
+    @property
+    def use_queries(self):
+        """The query branch runs only when it is weighted (Eq. 9, lambda > 0)."""
+        return self.query_weight > 0
+
+
+# --------------------------------------------------------------------------------------
+# Positions (Eq. 4) and query-crop geometry (Fig. 2)
+# --------------------------------------------------------------------------------------
+
+
+def sincos_2d(rows, cols, dim):
+    """Eq. 4 at real-valued positions: rows, cols (...) -> embedding (..., dim).
+
+    MAE layout: the first half encodes the column, the second the row; each half holds
+    sin(p * w_i) for the dim/4 frequencies w_i = 1 / 10000^(i / (dim/4)), then cos(p * w_i).
+    Positions may be fractional, negative or outside the view (query patches often are).
+    Computed in float64 and returned as float32, so it is exact to float32 rounding.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"embed_dim: {dim} is not divisible by 4, as the 2D sincos embedding needs; pick a multiple of 4")
+    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=rows.device) / (dim // 4))  # (dim/4,)
+
+    def encode(p):  # (...) -> (..., dim/2)
+        angles = p.to(torch.float64)[..., None] * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=-1).float()
+
+
+def relative_positions(global_box, query_box, global_grid, query_grid, global_flip=False, query_flip=False):
+    """(row, col) of each query patch's top-left corner in the global view's patch grid.
+
+    Boxes are (top, left, height, width) in source-image pixels, as
+    RandomResizedCrop.get_params returns them; each view is that box resized to a
+    grid x grid patch grid, then (optionally) flipped horizontally. Returns
+    (query_grid, query_grid, 2); entry [a, b] is the patch at row a, column b of the
+    query view as the teacher sees it (after its flip). The integer grid of the
+    global view itself is positions (i, j), so a query crop equal to the global view
+    gets exactly the global grid.
+    """
+    g_top, g_left, g_h, g_w = (float(v) for v in global_box)
+    q_top, q_left, q_h, q_w = (float(v) for v in query_box)
+    idx = torch.arange(query_grid, dtype=torch.float64)  # (l,)
+    # source-pixel extent of each query patch
+    patch_h, patch_w = q_h / query_grid, q_w / query_grid
+    top = q_top + idx * patch_h  # (l,) row a
+    src_col = idx.flip(0) if query_flip else idx  # displayed column b shows source column l-1-b
+    left = q_left + src_col * patch_w  # (l,)
+    # into global patch units: the column range [u0, u1) of each patch
+    rows = (top - g_top) * global_grid / g_h  # (l,)
+    u0 = (left - g_left) * global_grid / g_w  # (l,)
+    u1 = (left + patch_w - g_left) * global_grid / g_w
+    cols = global_grid - u1 if global_flip else u0  # a flip maps [u0, u1) to (G - u1, G - u0]
+    return torch.stack(torch.broadcast_tensors(rows[:, None], cols[None, :]), dim=-1).float()  # (l, l, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Block-wise masks (iBOT / BEiT): True = masked
+# --------------------------------------------------------------------------------------
+
+
+def _uniform(lo, hi, generator):
+    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+
+def sample_mask_ratio(ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator=None):
+    """iBOT's per-view masking ratio: pick one of `ratios`, jitter it by +- its var."""
+    pick = torch.randint(len(ratios), (), generator=generator).item()
+    ratio, var = ratios[pick], ratio_vars[pick]
+    return _uniform(ratio - var, ratio + var, generator) if var > 0 else ratio
+
+
+def block_mask(rows, cols, ratio, generator=None, aspect=(0.3, 1 / 0.3)):
+    """BEiT block-wise mask (rows, cols) bool with at most ratio * rows * cols True.
+
+    Rectangles of area >= (min(rows, cols) // 3)^2 and aspect in `aspect` are added
+    until the budget is reached or ten placements in a row fail to add patches.
+    """
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    budget_total = ratio * rows * cols
+    min_area = (min(rows, cols) // 3) ** 2
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    masked = 0
+    while masked < budget_total:
+        budget = budget_total - masked
+        added = 0
+        for _ in range(10):
+            area = _uniform(min_area, budget, generator)
+            ratio_hw = math.exp(_uniform(*log_aspect, generator))
+            h, w = round(math.sqrt(area * ratio_hw)), round(math.sqrt(area / ratio_hw))
+            if h < rows and w < cols:
+                top = torch.randint(rows - h + 1, (), generator=generator).item()
+                left = torch.randint(cols - w + 1, (), generator=generator).item()
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= budget:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        masked += added
+    return mask
+
+
+# --------------------------------------------------------------------------------------
+# Views: two global views (BYOL/DINO recipe) and Q query crops with their positions
+# --------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PQCLAugmentation:
+    """PIL image (or uint8 tensor (3, H, W)) -> dict of one sample's views.
+
+    globals    (V, 3, S, S)   view 1: blur p=1.0; view 2: blur p=0.1, solarize p=0.2 (BYOL)
+    queries    (Q, 3, s, s)   DINO's local-crop recipe (flip, colour, blur p=0.5)
+    query_pos  (V, Q, L, 2)   relative_positions of each query crop in each global view, row-major
+    masks      (V, G, G)      iBOT block masks for the student's global views (all False if unused)
+    global_boxes (V, 4), query_boxes (Q, 4), global_flips (V,), query_flips (Q,): the geometry used
+    Randomness comes from torch's global generator (seed it per sample for reproducible data).
+    """
+
+    def __init__(self, global_size=224, query_size=96, patch_size=16, num_queries=1,
+                 global_scale=(0.25, 1.0), query_scale=(0.05, 0.25), mask_ratios=(0.0, 0.3),
+                 mask_ratio_vars=(0.0, 0.2), mask_aspect=(0.3, 1 / 0.3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if global_size % patch_size or query_size % patch_size:
+            raise ValueError(f"img_size/query_size: {global_size}/{query_size} must be multiples of patch_size {patch_size}")
+        if num_queries < 0:
+            raise ValueError("num_queries: must be >= 0")
+        self.global_size, self.query_size, self.patch_size = global_size, query_size, patch_size
+        self.num_queries, self.global_scale, self.query_scale = num_queries, global_scale, query_scale
+        self.mask_ratios, self.mask_ratio_vars, self.mask_aspect = mask_ratios, mask_ratio_vars, mask_aspect
+        colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+
+        def blur(size, p):  # BYOL: kernel 10% of the side, sigma 0.1-2.0 px at 224 px, scaled with the side
+            return T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, (0.1 * size / 224, 2.0 * size / 224))], p=p)
+
+        finish = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+        self.global_pixels = [
+            T.Compose([*colour, blur(global_size, 1.0), *finish]),
+            T.Compose([*colour, blur(global_size, 0.1), T.RandomSolarize(128, p=0.2), *finish]),
+        ]
+        self.query_pixels = T.Compose([*colour, blur(query_size, 0.5), *finish])
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.img_size, cfg.query_size, cfg.patch_size, cfg.num_queries if cfg.use_queries else 0,
+                   cfg.global_scale, cfg.query_scale,
+                   cfg.mask_ratios if cfg.framework == "ibot" else (0.0,),
+                   cfg.mask_ratio_vars if cfg.framework == "ibot" else (0.0,), cfg.mask_aspect)
+
+    @staticmethod
+    def crop(image, box, size, flip):
+        """The geometry of every view: crop `box`, resize to size x size (bicubic), then flip."""
+        view = TF.resized_crop(image, *box, [size, size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        return TF.hflip(view) if flip else view
+
+    def _random_view(self, image, size, scale):
+        box = T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])  # (top, left, h, w)
+        flip = bool(torch.rand(()) < 0.5)
+        return self.crop(image, box, size, flip), box, flip
+
+    def __call__(self, image):
+        # Random draws: globals, one seed for the masks, queries. So every method (iBOT or
+        # DINO, Q = 0 or not) sees the same global views and query crops for the same seed.
+        globals_, global_boxes, global_flips = [], [], []
+        for pixels in self.global_pixels:
+            view, box, flip = self._random_view(image, self.global_size, self.global_scale)
+            globals_.append(pixels(view))
+            global_boxes.append(box)
+            global_flips.append(flip)
+        grid = self.global_size // self.patch_size
+        mask_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        masks = torch.stack([
+            block_mask(grid, grid, sample_mask_ratio(self.mask_ratios, self.mask_ratio_vars, mask_rng), mask_rng,
+                       self.mask_aspect)
+            for _ in global_boxes])  # (V, G, G)
+        queries, query_boxes, query_flips = [], [], []
+        for _ in range(self.num_queries):
+            view, box, flip = self._random_view(image, self.query_size, self.query_scale)
+            queries.append(self.query_pixels(view))
+            query_boxes.append(box)
+            query_flips.append(flip)
+        q_grid = self.query_size // self.patch_size
+        query_pos = torch.zeros(len(global_boxes), self.num_queries, q_grid * q_grid, 2)  # (V, Q, L, 2)
+        for v, (g_box, g_flip) in enumerate(zip(global_boxes, global_flips)):
+            for q, (q_box, q_flip) in enumerate(zip(query_boxes, query_flips)):
+                query_pos[v, q] = relative_positions(g_box, q_box, grid, q_grid, g_flip, q_flip).flatten(0, 1)
+        return {
+            "globals": torch.stack(globals_),  # (V, 3, S, S)
+            "queries": torch.stack(queries) if queries else torch.zeros(0, 3, self.query_size, self.query_size),
+            "query_pos": query_pos,
+            "masks": masks,
+            "global_boxes": torch.tensor(global_boxes, dtype=torch.long).view(-1, 4),
+            "query_boxes": torch.tensor(query_boxes, dtype=torch.long).view(-1, 4),
+            "global_flips": torch.tensor(global_flips, dtype=torch.bool),
+            "query_flips": torch.tensor(query_flips, dtype=torch.bool),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Vision Transformer with positional queries (Eq. 3, 5, 6); parameter names are timm's
+# --------------------------------------------------------------------------------------
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop the residual branch per sample. One draw per sample of x
+    (B, T, D), so query tokens share their image's draw and never change the raw tokens'."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - rate)  # (B, 1, 1)
+    return x * keep / (1.0 - rate)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, num_raw, num_crops):
+        """x (B, R + Q*L, D): R raw tokens, then the L query tokens of each of Q crops.
+
+        Raw tokens attend only to raw tokens (plain ViT self-attention). The query
+        tokens of a crop attend to the raw tokens and to their own crop (Eq. 6), so
+        they read the image through attention but never write into it.
+        """
+        B, T, D = x.shape
+        H, R = self.num_heads, num_raw
+        q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        out = F.scaled_dot_product_attention(q[:, :, :R], k[:, :, :R], v[:, :, :R])  # (B, H, R, hd)
+        if num_crops > 0:
+            L = (T - R) // num_crops
+
+            def per_crop(t):  # (B, H, T, hd) -> (B*Q, H, R + L, hd): raw tokens, then the crop's own
+                raw = t[:, None, :, :R].expand(-1, num_crops, -1, -1, -1)  # (B, Q, H, R, hd)
+                own = t[:, :, R:].unflatten(2, (num_crops, L)).transpose(1, 2)  # (B, Q, H, L, hd)
+                return torch.cat([raw, own], dim=3).flatten(0, 1)
+
+            crop_q = q[:, :, R:].unflatten(2, (num_crops, L)).transpose(1, 2).flatten(0, 1)  # (B*Q, H, L, hd)
+            crop_out = F.scaled_dot_product_attention(crop_q, per_crop(k), per_crop(v))  # Eq. 6, (B*Q, H, L, hd)
+            crop_out = crop_out.unflatten(0, (B, num_crops)).transpose(1, 2).flatten(2, 3)  # (B, H, Q*L, hd)
+            out = torch.cat([out, crop_out], dim=2)  # (B, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x, num_raw, num_crops=0):  # (B, T, D) -> (B, T, D)
+        x = x + drop_path(self.attn(self.norm1(x), num_raw, num_crops), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images):  # (B, 3, h, w) -> (B, h/P * w/P, D), row-major
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """A plain ViT (timm parameter names) plus one `mask_token`; fixed sincos positions."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                 qkv_bias=True, drop_path_rate=0.0):
+        super().__init__()
+        if embed_dim % 4:
+            raise ValueError(f"embed_dim: {embed_dim} is not divisible by 4, as the 2D sincos embedding needs; pick a multiple of 4")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads: embed_dim {embed_dim} is not divisible by {num_heads} heads; pick a divisor")
+        if img_size % patch_size:
+            raise ValueError(f"img_size: {img_size} is not a multiple of patch_size {patch_size}; pick a multiple")
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        table = sincos_2d(rows.flatten(), cols.flatten(), embed_dim)  # (N, D), Eq. 4 on the integer grid
+        table = torch.cat([torch.zeros(1, embed_dim), table])  # the [CLS] slot holds zeros
+        self.pos_embed = nn.Parameter(table[None], requires_grad=False)  # (1, 1+N, D), fixed
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # m of Eq. 5 (iBOT's masked_embed)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear)
+
+    def pos_embed_for(self, rows, cols):
+        """(1, 1 + rows*cols, D): the table, bicubically resized for another grid (DINO)."""
+        grid = math.isqrt(self.pos_embed.shape[1] - 1)
+        if (rows, cols) == (grid, grid):
+            return self.pos_embed
+        table = self.pos_embed[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+        table = F.interpolate(table, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+
+    def embed(self, images, mask=None):
+        """images (B, 3, h, w), mask (B, h/P, w/P) bool or None -> tokens (B, R, D), Eq. 1 / 3."""
+        B, _, h, w = images.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"images: {h}x{w} is not a multiple of patch_size {self.patch_size}; resize or crop")
+        x = self.patch_embed(images)  # (B, N, D)
+        if mask is not None:  # iBOT: masked patches become the mask token before positions are added
+            x = torch.where(mask.flatten(1)[..., None], self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, R, D)
+        return x + self.pos_embed_for(h // self.patch_size, w // self.patch_size)
+
+    def forward(self, images):
+        """Teacher / downstream: images (B, 3, h, w) -> all tokens after the final norm (B, R, D)."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x, x.shape[1])
+        return self.norm(x)
+
+    def forward_student(self, images, query_pos=None, mask=None):
+        """Student: images (B, 3, S, S), query_pos (B, Q, L, 2) or None, mask (B, G, G) or None
+        -> tokens (B, R, D), query_tokens (B, Q, L, D)."""
+        x = self.embed(images, mask)  # (B, R, D)
+        B, R, D = x.shape
+        if query_pos is None:
+            query_pos = x.new_zeros(B, 0, 0, 2)
+        _, num_crops, L, _ = query_pos.shape
+        queries = self.mask_token + sincos_2d(query_pos[..., 0], query_pos[..., 1], D).to(x.dtype)  # Eq. 5, (B, Q, L, D)
+        x = torch.cat([x, queries.flatten(1, 2)], dim=1)  # Eq. 3, (B, R + Q*L, D)
+        for block in self.blocks:
+            x = block(x, R, num_crops)
+        x = self.norm(x)
+        return x[:, :R], x[:, R:].unflatten(1, (num_crops, L))
+
+
+def _init_linear(module):
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def vit_tiny(patch_size=16, **kwargs):
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+def vit_small(patch_size=16, **kwargs):
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kwargs)
+
+
+def vit_base(patch_size=16, **kwargs):
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kwargs)
+
+
+def vit_large(patch_size=16, **kwargs):
+    return VisionTransformer(patch_size=patch_size, embed_dim=1024, depth=24, num_heads=16, **kwargs)
+
+
+def build_backbone(arch, **kwargs):
+    if arch not in ARCHS:
+        raise ValueError(f"arch: unknown architecture {arch!r}; use one of {sorted(ARCHS)}")
+    embed_dim, depth, num_heads = ARCHS[arch]
+    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Projection heads g (DINO / iBOT) and head sharing (Table 7)
+# --------------------------------------------------------------------------------------
+
+
+class ProjectionHead(nn.Module):
+    """3-layer MLP (GELU) -> l2-normalised bottleneck -> weight-normalised linear to K prototypes."""
+
+    def __init__(self, in_dim, out_dim=8192, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=False):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim))
+        self.apply(_init_linear)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0  # (K, 1), the weight-norm g
+        gain.data.fill_(1.0)
+        gain.requires_grad = not norm_last_layer
+
+    def forward(self, x):  # (..., D) -> (..., K)
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def head_names(cfg, teacher):
+    """Which heads a branch holds. A shared head is stored under 'cls' and serves every
+    token type; 'semi-shared' gives the student one head per type and the teacher one."""
+    types = ["cls"] + (["patch"] if cfg.framework == "ibot" else []) + (["query"] if cfg.use_queries else [])
+    if cfg.head_mode == "shared" or (cfg.head_mode == "semi-shared" and teacher):
+        return ["cls"]
+    return types
+
+
+def apply_heads(heads, inputs):
+    """Run each head once on all token types it serves: {type: (..., D)} -> {type: (..., K)}.
+    Heads act on each token alone, so batching token types together changes nothing."""
+    groups = {}
+    for kind, x in inputs.items():
+        name = kind if kind in heads else "cls"
+        groups.setdefault(name, []).append(kind)
+    out = {}
+    for name, kinds in groups.items():
+        flat = [inputs[k].flatten(0, -2) for k in kinds]
+        logits = heads[name](torch.cat(flat)).split([f.shape[0] for f in flat])
+        out.update({k: y.unflatten(0, inputs[k].shape[:-1]) for k, y in zip(kinds, logits)})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Losses (Eq. 2, 8, 9): pure functions of logits
+# --------------------------------------------------------------------------------------
+
+
+def teacher_probs(teacher_logits, center, teacher_temp):
+    """sg(g'(f'(x))): centered, sharpened teacher distribution (..., K)."""
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+def cross_entropy(student_logits, targets, student_temp):
+    """H(t, s) = -sum_k t_k log softmax(s / tau_s)_k over the last dim: (..., K) -> (...)."""
+    return -(targets * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
+
+
+def cls_loss(student_cls, teacher_cls_probs, student_temp):
+    """Eq. 2, [CLS] terms: each view's student [CLS] predicts every *other* view's teacher.
+    student_cls, teacher_cls_probs (V, B, K) -> mean over the V(V-1) pairs and the batch."""
+    log_p = F.log_softmax(student_cls.float() / student_temp, dim=-1)  # (V, B, K)
+    pair = -torch.einsum("tbk,sbk->ts", teacher_cls_probs, log_p) / log_p.shape[1]  # (V_teacher, V_student)
+    off_diagonal = ~torch.eye(pair.shape[0], dtype=torch.bool, device=pair.device)
+    return pair[off_diagonal].mean()
+
+
+def patch_loss(student_masked, teacher_masked_probs, image_index, num_images, student_temp):
+    """Eq. 2, masked-patch terms (iBOT): within a view, each masked student token predicts
+    the teacher token at the same place. student_masked, teacher_masked_probs (M, K) for the
+    M masked tokens, image_index (M,) the view-image each came from. Averaged over an
+    image's masked tokens, then over all V*B view-images (unmasked images count as 0)."""
+    per_token = cross_entropy(student_masked, teacher_masked_probs, student_temp)  # (M,)
+    per_image = per_token.new_zeros(num_images).index_add_(0, image_index, per_token)  # (V*B,)
+    count = torch.bincount(image_index, minlength=num_images).clamp(min=1)
+    return (per_image / count).mean()
+
+
+def query_loss(student_query, teacher_query_probs, student_temp):
+    """Eq. 8: the student's query tokens, computed inside each global view, predict the
+    teacher's tokens of the query crop seen with pixels. student_query (V, B, Q, L, K),
+    teacher_query_probs (B, Q, L, K) -> mean over views, images, crops and patches."""
+    return cross_entropy(student_query, teacher_query_probs[None], student_temp).mean()
+
+
+# --------------------------------------------------------------------------------------
+# PQCL: student, EMA teacher, heads, centers
+# --------------------------------------------------------------------------------------
+
+
+class PQCL(nn.Module):
+    """forward(batch) -> dict(loss, cls, patch, query). batch, as collated from
+    PQCLAugmentation: globals (B, V, 3, S, S), queries (B, Q, 3, s, s),
+    query_pos (B, V, Q, L, 2), masks (B, V, G, G)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        dim = ARCHS[cfg.arch][0]
+
+        def branch(drop_path_rate, teacher):
+            backbone = build_backbone(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                      drop_path_rate=drop_path_rate)
+            heads = nn.ModuleDict({name: ProjectionHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                                        cfg.norm_last_layer)
+                                   for name in head_names(cfg, teacher)})
+            return nn.ModuleDict({"backbone": backbone, "heads": heads})
+
+        self.student = branch(cfg.drop_path_rate, teacher=False)
+        self.teacher = branch(0.0, teacher=True)
+        # the mask token is only used by masking (iBOT) and by query tokens; frozen
+        # otherwise so that no parameter is left without a gradient (plain DDP works)
+        self.student.backbone.mask_token.requires_grad = cfg.framework == "ibot" or cfg.use_queries
+        teacher_names = set(self.teacher.state_dict())  # semi-shared: the teacher has fewer heads
+        self.teacher.load_state_dict({k: v for k, v in self.student.state_dict().items() if k in teacher_names})
+        self.teacher.requires_grad_(False)
+        # three centers (Eq. 2 [CLS], Eq. 2 patches, Eq. 8 queries), one per teacher output type
+        for name in ("center_cls", "center_patch", "center_query"):
+            self.register_buffer(name, torch.zeros(cfg.out_dim))
+
+    def forward(self, batch, teacher_temp=None):
+        cfg = self.cfg
+        teacher_temp = cfg.teacher_temp if teacher_temp is None else teacher_temp
+        images = batch["globals"].transpose(0, 1).flatten(0, 1)  # (V*B, 3, S, S), view-major
+        V, B = batch["globals"].shape[1], batch["globals"].shape[0]
+        masks = batch["masks"].transpose(0, 1).flatten(0, 1).flatten(1) if cfg.framework == "ibot" else None  # (V*B, N)
+        query_pos = batch["query_pos"].transpose(0, 1).flatten(0, 1) if cfg.use_queries else None  # (V*B, Q, L, 2)
+
+        with torch.no_grad():  # teacher: plain ViT on every view with pixels (Eq. 7)
+            tokens = self.teacher.backbone(images)  # (V*B, R, D)
+            inputs = {"cls": tokens[:, 0]}
+            if masks is not None:
+                inputs["patch"] = tokens[:, 1:]  # all patches: the center averages them all (iBOT)
+            if query_pos is not None:
+                crops = batch["queries"].flatten(0, 1)  # (B*Q, 3, s, s): own [CLS] and positions (Eq. 7)
+                inputs["query"] = self.teacher.backbone(crops)[:, 1:].unflatten(0, batch["queries"].shape[:2])
+            teacher_logits = apply_heads(self.teacher.heads, inputs)  # (V*B, K), (V*B, N, K), (B, Q, L, K)
+
+        tokens, query_tokens = self.student.backbone.forward_student(images, query_pos, masks)
+        # The head maps each token on its own, so running it only on the tokens that enter
+        # the loss ([CLS], masked patches, query tokens) gives exactly the same loss and
+        # gradients as running it on every token and then selecting.
+        inputs = {"cls": tokens[:, 0]}
+        if masks is not None:
+            inputs["patch"] = tokens[:, 1:][masks]  # (M, D)
+        if query_pos is not None:
+            inputs["query"] = query_tokens  # (V*B, Q, L, D)
+        student_logits = apply_heads(self.student.heads, inputs)
+
+        def targets(kind, logits):
+            return teacher_probs(logits, getattr(self, f"center_{kind}"), teacher_temp)
+
+        terms = {"cls": cls_loss(student_logits["cls"].unflatten(0, (V, B)),
+                                 targets("cls", teacher_logits["cls"]).unflatten(0, (V, B)), cfg.student_temp)}
+        zero = terms["cls"].new_zeros(())
+        terms["patch"] = zero
+        if masks is not None:
+            image_index = torch.arange(V * B, device=masks.device)[:, None].expand_as(masks)[masks]  # (M,)
+            terms["patch"] = patch_loss(student_logits["patch"], targets("patch", teacher_logits["patch"][masks]),
+                                        image_index, V * B, cfg.student_temp)
+        terms["query"] = zero
+        if query_pos is not None:
+            terms["query"] = query_loss(student_logits["query"].unflatten(0, (V, B)),
+                                        targets("query", teacher_logits["query"]), cfg.student_temp)
+        loss = terms["cls"] + cfg.patch_weight * terms["patch"] + cfg.query_weight * terms["query"]  # Eq. 9
+        self.update_centers(teacher_logits)
+        return {"loss": loss, **terms}
+
+    @torch.no_grad()
+    def update_centers(self, teacher_logits):
+        """center <- m * center + (1 - m) * mean teacher logits, one center per term; the
+        mean is over all ranks when torch.distributed is initialised (a no-op otherwise)."""
+        kinds = list(teacher_logits)
+        sums = torch.stack([teacher_logits[k].float().flatten(0, -2).sum(0) for k in kinds])  # (terms, K)
+        counts = torch.tensor([teacher_logits[k][..., 0].numel() for k in kinds], dtype=sums.dtype,
+                              device=sums.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            counts = counts * dist.get_world_size()
+        for kind, mean in zip(kinds, sums / counts[:, None]):
+            center = getattr(self, f"center_{kind}")
+            center.mul_(self.cfg.center_momentum).add_(mean, alpha=1 - self.cfg.center_momentum)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, matched by name."""
+        teacher = dict(self.teacher.named_parameters())
+        pairs = [(teacher[name], p) for name, p in self.student.named_parameters() if name in teacher]
+        teacher_params, student_params = zip(*pairs)
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules: pure functions of the step
+# --------------------------------------------------------------------------------------
+
+
+def cosine_schedule(step, total_steps, base, final, warmup_steps=0, warmup_start=0.0):
+    """Linear warm-up from warmup_start to base, then cosine from base to final at total_steps."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate(cfg, step, steps_per_epoch, world_size=1):
+    peak = cfg.lr * cfg.batch_size * world_size / 256  # linear scaling rule
+    return cosine_schedule(step, cfg.epochs * steps_per_epoch, peak, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch)
+
+
+def weight_decay(cfg, step, steps_per_epoch):
+    return cosine_schedule(step, cfg.epochs * steps_per_epoch, cfg.weight_decay, cfg.weight_decay_end)
+
+
+def teacher_momentum(cfg, step, steps_per_epoch):
+    return cosine_schedule(step, cfg.epochs * steps_per_epoch, cfg.momentum_teacher, 1.0)
+
+
+def teacher_temperature(cfg, step, steps_per_epoch):
+    """Linear warm-up of the teacher temperature, then constant."""
+    warmup = cfg.warmup_teacher_temp_epochs * steps_per_epoch
+    if step >= warmup:
+        return cfg.teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup
