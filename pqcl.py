@@ -55,6 +55,7 @@ class Config:
 
     # backbone
     arch: str = "vit_small"  # one of ARCHS
+    depth: int = 0  # transformer blocks; 0 = the architecture's own (12 for ViT-S); fewer for quick CPU runs
     patch_size: int = 16  # P; 16 in every table of the paper
     img_size: int = 224  # S, global view side
     drop_path_rate: float = 0.1  # stochastic depth, student only (the teacher has none)
@@ -103,6 +104,7 @@ class Config:
         need(self.arch in ARCHS, "arch", f"unknown architecture {self.arch!r}; use one of {sorted(ARCHS)}")
         need(self.framework in FRAMEWORKS, "framework", f"unknown framework {self.framework!r}; use 'ibot' or 'dino'")
         need(self.head_mode in HEAD_MODES, "head_mode", f"unknown head mode {self.head_mode!r}; use one of {HEAD_MODES}")
+        need(self.depth >= 0, "depth", "must be >= 0 (0 = the architecture's own depth)")
         need(self.patch_size > 0, "patch_size", "must be a positive number of pixels")
         need(self.img_size % self.patch_size == 0, "img_size",
              f"{self.img_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
@@ -174,15 +176,14 @@ def relative_positions(global_box, query_box, global_grid, query_grid, global_fl
     g_top, g_left, g_h, g_w = (float(v) for v in global_box)
     q_top, q_left, q_h, q_w = (float(v) for v in query_box)
     idx = torch.arange(query_grid, dtype=torch.float64)  # (l,)
-    # source-pixel extent of each query patch
-    patch_h, patch_w = q_h / query_grid, q_w / query_grid
-    top = q_top + idx * patch_h  # (l,) row a
+    # one query patch in global patch units; exactly 1.0 when the query crop is the global view
+    step_h = q_h * global_grid / (query_grid * g_h)
+    step_w = q_w * global_grid / (query_grid * g_w)
+    rows = (q_top - g_top) * global_grid / g_h + idx * step_h  # (l,) row a
     src_col = idx.flip(0) if query_flip else idx  # displayed column b shows source column l-1-b
-    left = q_left + src_col * patch_w  # (l,)
-    # into global patch units: the column range [u0, u1) of each patch
-    rows = (top - g_top) * global_grid / g_h  # (l,)
-    u0 = (left - g_left) * global_grid / g_w  # (l,)
-    u1 = (left + patch_w - g_left) * global_grid / g_w
+    # into global patch units: the column range [u0, u1) of each patch, u1 = u0 + step_w
+    u0 = (q_left - g_left) * global_grid / g_w + src_col * step_w  # (l,)
+    u1 = u0 + step_w
     cols = global_grid - u1 if global_flip else u0  # a flip maps [u0, u1) to (G - u1, G - u0]
     return torch.stack(torch.broadcast_tensors(rows[:, None], cols[None, :]), dim=-1).float()  # (l, l, 2)
 
@@ -218,7 +219,7 @@ def block_mask(rows, cols, ratio, generator=None, aspect=(0.3, 1 / 0.3)):
         budget = budget_total - masked
         added = 0
         for _ in range(10):
-            area = _uniform(min_area, budget, generator)
+            area = _uniform(min_area, max(min_area, budget), generator)  # never below min_area
             ratio_hw = math.exp(_uniform(*log_aspect, generator))
             h, w = round(math.sqrt(area * ratio_hw)), round(math.sqrt(area / ratio_hw))
             if h < rows and w < cols:
@@ -438,6 +439,12 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_linear)
+        self.register_load_state_dict_pre_hook(self._keep_own_mask_token)
+
+    def _keep_own_mask_token(self, module, state_dict, prefix, *args):
+        """A backbone exported for timm has no mask token (it only serves pretraining):
+        loading one strictly keeps this model's own."""
+        state_dict.setdefault(prefix + "mask_token", self.mask_token.detach().clone())
 
     def pos_embed_for(self, rows, cols):
         """(1, 1 + rows*cols, D): the table, bicubically resized for another grid (DINO)."""
@@ -489,27 +496,28 @@ def _init_linear(module):
             nn.init.zeros_(module.bias)
 
 
+def build_backbone(arch, depth=0, **kwargs):
+    """A preset by name; depth 0 keeps the preset's number of blocks."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: unknown architecture {arch!r}; use one of {sorted(ARCHS)}")
+    embed_dim, preset_depth, num_heads = ARCHS[arch]
+    return VisionTransformer(embed_dim=embed_dim, depth=depth or preset_depth, num_heads=num_heads, **kwargs)
+
+
 def vit_tiny(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kwargs)
+    return build_backbone("vit_tiny", patch_size=patch_size, **kwargs)
 
 
 def vit_small(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kwargs)
+    return build_backbone("vit_small", patch_size=patch_size, **kwargs)
 
 
 def vit_base(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kwargs)
+    return build_backbone("vit_base", patch_size=patch_size, **kwargs)
 
 
 def vit_large(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=1024, depth=24, num_heads=16, **kwargs)
-
-
-def build_backbone(arch, **kwargs):
-    if arch not in ARCHS:
-        raise ValueError(f"arch: unknown architecture {arch!r}; use one of {sorted(ARCHS)}")
-    embed_dim, depth, num_heads = ARCHS[arch]
-    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+    return build_backbone("vit_large", patch_size=patch_size, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -618,7 +626,7 @@ class PQCL(nn.Module):
         dim = ARCHS[cfg.arch][0]
 
         def branch(drop_path_rate, teacher):
-            backbone = build_backbone(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
+            backbone = build_backbone(cfg.arch, cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size,
                                       drop_path_rate=drop_path_rate)
             heads = nn.ModuleDict({name: ProjectionHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                                                         cfg.norm_last_layer)

@@ -1,0 +1,646 @@
+"""Pretrain PQCL (pqcl.py) on one CPU or on many GPUs.
+
+    python train_ddp.py                         # embedded shapes dataset, CPU, a few minutes, prints k-NN
+    python train_ddp.py --data /imagenet/train  # one process on an ImageFolder tree, the authors' ViT-S recipe
+    torchrun --nproc_per_node=8 train_ddp.py --data /imagenet/train --arch vit_small --output-dir runs/vits16
+    torchrun --nnodes=2 --nproc_per_node=8 --node-rank=$RANK --rdzv-backend=c10d \\
+             --rdzv-endpoint=$HEAD_NODE:29500 train_ddp.py --data /imagenet/train --output-dir runs/vits16
+    python train_ddp.py --export runs/vits16/checkpoint.pth backbone.pth   # teacher backbone, timm names
+
+The method lives in pqcl.py; this file is the machinery: data, DDP, mixed precision,
+schedules, atomic checkpoints and exact resume, logs, export, and the k-NN check.
+Every Config field of pqcl.py is a flag (--query-weight, --num-queries, ...).
+"""
+import argparse
+import ctypes
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import resource
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import pqcl
+
+# The embedded default: small enough to pretrain on 2 CPU cores in a few minutes.
+EMBEDDED = dict(
+    arch="vit_tiny", depth=4, img_size=32, patch_size=4, query_size=12, global_scale=(0.3, 1.0),
+    query_scale=(0.05, 0.25), drop_path_rate=0.0, out_dim=1024, hidden_dim=512, bottleneck_dim=128,
+    epochs=3, batch_size=64, lr=1e-3, warmup_epochs=1, warmup_teacher_temp_epochs=2, momentum_teacher=0.99,
+    freeze_last_layer_epochs=0)
+EMBEDDED_TRAIN, EMBEDDED_TEST = 6000, 1000  # images in the embedded splits
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# The embedded dataset: shapes on textured backgrounds, with per-pixel labels
+# --------------------------------------------------------------------------------------
+
+SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "half-disk", "bar", "corner")
+
+
+def _inside(kind, u, v):
+    """Is (u, v), in the object's own unit frame, inside shape `kind`?"""
+    r, au, av = np.hypot(u, v), np.abs(u), np.abs(v)
+    box = np.maximum(au, av)
+    return [
+        r < 0.9,
+        (r > 0.55) & (r < 0.95),
+        box < 0.75,
+        (box > 0.5) & (box < 0.85),
+        (v > -0.5) & (v < 1.0 - math.sqrt(3) * au),
+        ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
+        r < 0.45 + 0.5 * np.abs(np.cos(2.5 * np.arctan2(v, u))) ** 3,
+        (r < 0.95) & (v > 0),
+        (au < 0.95) & (av < 0.3),
+        ((np.abs(u + 0.55) < 0.3) & (av < 0.85)) | ((np.abs(v - 0.55) < 0.3) & (au < 0.85)),
+    ][kind]
+
+
+def make_shapes(num, size=32, seed=0, supersample=3):
+    """`num` images of one shape each (class = shape, 10 classes), random position, size,
+    rotation, colour and stripe texture, on a random two-colour grating with noise, so that
+    raw pixels say little about the class. Deterministic in `seed`.
+    Returns images (num, 3, size, size) uint8, labels (num,), label maps (num, size, size)
+    uint8 with 0 = background and 1 + class on the shape."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(len(SHAPES), size=num)
+    coords = (np.arange(size * supersample) + 0.5) / supersample  # pixel units, supersampled
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    images = np.empty((num, 3, size, size), np.uint8)
+    label_maps = np.empty((num, size, size), np.uint8)
+
+    def grating(freq_range):
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(*freq_range), rng.uniform(0, 2 * np.pi)
+        return 0.5 + 0.5 * np.sin(freq * (xs * np.cos(angle) + ys * np.sin(angle)) + phase)
+
+    for i in range(num):
+        stripes = grating((0.1, 0.6))
+        background = rng.uniform(0, 1, (3, 1, 1)) * stripes + rng.uniform(0, 1, (3, 1, 1)) * (1 - stripes)
+        scale, (cx, cy), rot = rng.uniform(0.18, 0.35) * size, rng.uniform(0.25, 0.75, 2) * size, rng.uniform(0, 2 * np.pi)
+        dx, dy = (xs - cx) / scale, (ys - cy) / scale
+        inside = _inside(labels[i], dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot))
+        foreground = rng.uniform(0, 1, (3, 1, 1)) * (0.5 + 0.5 * grating((0.5, 1.5)))
+        image = np.where(inside, foreground, background).reshape(3, size, supersample, size, supersample).mean((2, 4))
+        image += rng.normal(0, 0.04, image.shape)
+        images[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
+        coverage = inside.reshape(size, supersample, size, supersample).mean((1, 3))
+        label_maps[i] = np.where(coverage >= 0.5, labels[i] + 1, 0)
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(label_maps)
+
+
+def embedded_splits(seed, size=32):
+    """(train, test) splits of the embedded dataset, each (images, labels, label_maps)."""
+    return make_shapes(EMBEDDED_TRAIN, size, seed), make_shapes(EMBEDDED_TEST, size, seed + 10_000)
+
+
+# --------------------------------------------------------------------------------------
+# Data: reproducible per-sample augmentation, resumable sampling, unreadable images skipped
+# --------------------------------------------------------------------------------------
+
+
+class ImageFiles(Dataset):
+    """An ImageFolder tree (one subfolder per class) read with PIL; unreadable files are
+    replaced by the next readable one and counted in the sample's `skipped`."""
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise UsageError(f"--data {root}: no such folder; point it at an ImageFolder tree "
+                             "(one subfolder per class) or omit --data for the embedded dataset")
+        self.paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                            for name in names if name.lower().endswith(self.EXTENSIONS))
+        if not self.paths:
+            raise UsageError(f"--data {root}: holds no images ({', '.join(self.EXTENSIONS)}); "
+                             "point it at an ImageFolder tree or omit --data for the embedded dataset")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, index):
+        """-> (PIL image, number of unreadable files passed over to find it)"""
+        for skipped in range(len(self.paths)):
+            path = self.paths[(index + skipped) % len(self.paths)]
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB"), skipped
+            except Exception as error:  # corrupt, truncated or unreadable: skip it, report it
+                print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
+        raise RuntimeError("no readable image in the dataset")
+
+
+class EmbeddedImages(Dataset):
+    def __init__(self, images):
+        self.images = images  # (n, 3, S, S) uint8
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        return self.images[index], 0
+
+
+class Augmented(Dataset):
+    """(epoch, index) -> the augmented sample, seeded by (seed, epoch, index) alone, so the
+    data do not depend on worker count, rank or where a run was resumed."""
+
+    def __init__(self, source, augment, seed):
+        self.source, self.augment, self.seed = source, augment, seed
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, skipped = self.source.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            sample = self.augment(image)
+        sample["skipped"] = skipped
+        return sample
+
+
+class ResumableSampler(Sampler):
+    """Yields (epoch, index) for this rank: a permutation seeded by (seed, epoch), cut to a
+    whole number of global batches and dealt round-robin over ranks; starts at `start_step`."""
+
+    def __init__(self, size, batch_size, seed, rank=0, world_size=1):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.steps_per_epoch = size // (batch_size * world_size)
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        order = order[: self.steps_per_epoch * self.batch_size * self.world_size][self.rank :: self.world_size]
+        for index in order[self.start_step * self.batch_size :].tolist():
+            yield self.epoch, index
+
+
+# --------------------------------------------------------------------------------------
+# Command line: every pqcl.Config field is a flag, its source comment the help
+# --------------------------------------------------------------------------------------
+
+
+def _config_help():
+    source = inspect.getsource(pqcl.Config)
+    return dict(re.findall(r"^    (\w+): [^=]+= .*?#\s*(.*)$", source, re.M))
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser():
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--data", help="ImageFolder tree to pretrain on; omit for the embedded shapes dataset")
+    run.add_argument("--output-dir", default="runs/embedded", help="checkpoint.pth, log.jsonl, backbone.pth, eval.json")
+    run.add_argument("--resume", action="store_true", help="continue <output-dir>/checkpoint.pth at its exact step")
+    run.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs)")
+    run.add_argument("--ckpt-every", type=int, default=500, help="also write the checkpoint every this many steps")
+    run.add_argument("--log-every", type=int, default=20, help="steps between log lines (and loss/stop checks)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision; auto = bf16 on GPU, fp32 on CPU (faster on CPUs without AMX)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and heads")
+    run.add_argument("--workers", type=int, default=-1,
+                     help="data-loading processes per GPU/process (-1: 8 for --data, 0 for the embedded set)")
+    run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                     help="after training on the embedded set, k-NN of the teacher vs a random init")
+    run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
+                     help="write the teacher backbone of CKPT to OUT (timm names) and exit")
+    method = parser.add_argument_group("method (pqcl.Config; defaults: the authors' ViT-S recipe, "
+                                       "or the embedded preset when --data is omitted)")
+    helps = _config_help()
+    for field in dataclasses.fields(pqcl.Config):
+        flag, default = "--" + field.name.replace("_", "-"), field.default
+        kwargs = dict(default=None, help=f"{helps.get(field.name, '')} (recipe: {default})")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(nargs=len(default), type=float, metavar=("MIN", "MAX"))
+        else:
+            kwargs["type"] = type(default)
+        method.add_argument(flag, **kwargs)
+    return parser
+
+
+def config_from_args(args):
+    given = {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(pqcl.Config)
+             if (v := getattr(args, f.name)) is not None}
+    base = {} if args.data else dict(EMBEDDED)
+    try:
+        return pqcl.Config(**{**base, **given})
+    except ValueError as error:
+        name, _, fix = str(error).partition(": ")
+        raise UsageError(f"--{name.replace('_', '-')}: {fix}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints: tensors and plain dicts, written atomically, read with weights_only=True
+# --------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`:
+    a reader sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no checkpoint there; check the path (or drop --resume to start afresh)") from None
+    except Exception as error:
+        raise UsageError(f"{path}: not a readable PQCL checkpoint ({type(error).__name__}); "
+                         "pass the checkpoint.pth that train_ddp.py wrote") from None
+
+
+def backbone_state(checkpoint):
+    """Teacher backbone with timm's names: no `mask_token` (pretraining only), no prefixes."""
+    if "teacher" not in checkpoint:  # already an exported backbone
+        return {k: v for k, v in checkpoint.items() if k != "mask_token"}
+    return {k.removeprefix("backbone."): v for k, v in checkpoint["teacher"].items()
+            if k.startswith("backbone.") and k != "backbone.mask_token"}
+
+
+def export_backbone(checkpoint_path, out_path):
+    save_atomic(backbone_state(load_checkpoint(checkpoint_path)), out_path)
+
+
+def backbone_from_checkpoint(path):
+    """A checkpoint.pth or an exported backbone.pth -> (teacher VisionTransformer, Config or None)."""
+    checkpoint = load_checkpoint(path)
+    state = backbone_state(checkpoint)
+    cfg = pqcl.Config(**checkpoint["config"]) if "config" in checkpoint else None
+    embed_dim = state["pos_embed"].shape[-1]
+    arch = cfg.arch if cfg else next((a for a, (d, _, _) in pqcl.ARCHS.items() if d == embed_dim), None)
+    if arch is None:
+        raise UsageError(f"{path}: width {embed_dim} matches no architecture in {sorted(pqcl.ARCHS)}")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    backbone = pqcl.build_backbone(arch, depth, img_size=grid * patch, patch_size=patch)
+    backbone.load_state_dict(state)
+    return backbone.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, device):
+    """AdamW; biases and 1-D parameters (norms) are never decayed (DINO's groups)."""
+    decay, no_decay = [], []
+    for name, p in model.student.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, fused=device.type in ("cuda", "cpu"))
+
+
+def train_step(model, optimizer, batch, step, steps_per_epoch, world_size=1, amp_dtype=None, scaler=None,
+               forward=None):
+    """One optimizer step of PQCL at global step `step`: schedules, forward under autocast,
+    backward, per-tensor grad clip, last-layer freeze, AdamW, EMA. Returns the loss terms
+    (tensors: nothing here waits for the device). `forward` is the DDP wrapper if any."""
+    cfg = model.cfg
+    lr = pqcl.learning_rate(cfg, step, steps_per_epoch, world_size)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = pqcl.weight_decay(cfg, step, steps_per_epoch)
+    device_type = batch["globals"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        terms = (forward or model)(batch, teacher_temp=pqcl.teacher_temperature(cfg, step, steps_per_epoch))
+    if scaler is not None:
+        scaler.scale(terms["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        terms["loss"].backward()
+    params = [p for p in model.student.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    norms = torch._foreach_norm(grads)  # DINO clips each parameter tensor on its own
+    torch._foreach_mul_(grads, [torch.clamp(cfg.clip_grad / (n + 1e-6), max=1.0) for n in norms])
+    if step < cfg.freeze_last_layer_epochs * steps_per_epoch:
+        for name, p in model.student.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_teacher(pqcl.teacher_momentum(cfg, step, steps_per_epoch))
+    return {k: v.detach() for k, v in terms.items()}
+
+
+# --------------------------------------------------------------------------------------
+# k-NN evaluation (DINO protocol)
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cls_features(backbone, images, batch_size=256):
+    """uint8 images (n, 3, S, S) -> l2-normalised [CLS] features (n, D) of a frozen backbone."""
+    device = next(backbone.parameters()).device
+    mean = torch.tensor(pqcl.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pqcl.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    features = []
+    for chunk in images.split(batch_size):
+        x = (chunk.to(device).float() / 255 - mean) / std
+        features.append(F.normalize(backbone(x)[:, 0].float(), dim=-1).cpu())
+    return torch.cat(features)
+
+
+def knn_top1(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-NN (DINO): cosine similarity to the k nearest training features, votes
+    weighted by exp(sim / T); top-1 accuracy in percent. Chunked over the test set."""
+    num_classes = int(train_labels.max()) + 1
+    correct = 0
+    for features, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
+        sims, neighbours = (features @ train_features.T).topk(k, dim=1)  # (c, k)
+        votes = torch.zeros(len(features), num_classes).scatter_add_(
+            1, train_labels[neighbours], (sims / temperature).exp())
+        correct += (votes.argmax(1) == labels).sum().item()
+    return 100.0 * correct / len(test_labels)
+
+
+def knn_eval(backbone, train, test, k=20):
+    train_images, train_labels, _ = train
+    test_images, test_labels, _ = test
+    return knn_top1(cls_features(backbone, train_images), train_labels, cls_features(backbone, test_images),
+                    test_labels, k=k)
+
+
+# --------------------------------------------------------------------------------------
+# Training run
+# --------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank() if world_size > 1 else 0, world_size, device
+
+
+def all_ranks_sum(values):
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def release_freed_memory():
+    """glibc keeps the holes that CPU tensors of varying size (masked-token counts change
+    every step) leave in its heap: without this a CPU run grows by ~30 MB a step."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class Progress:
+    """Rank 0's log: one JSON object per interval in log.jsonl and a live line on stdout."""
+
+    def __init__(self, output_dir, total_steps, start_step, global_batch):
+        self.file = open(os.path.join(output_dir, "log.jsonl"), "a")
+        self.total_steps, self.start_step, self.global_batch = total_steps, start_step, global_batch
+        self.interactive = sys.stdout.isatty()
+        self.run_start = self.interval_start = time.perf_counter()
+        self.skipped = 0
+
+    def write(self, step, epoch, losses, skipped, interval_steps, optimizer, cfg, steps_per_epoch, peak_memory):
+        now = time.perf_counter()
+        step_time = (now - self.interval_start) / interval_steps
+        self.interval_start, self.skipped = now, self.skipped + skipped
+        record = {"step": step, "epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"],
+                  "weight_decay": optimizer.param_groups[0]["weight_decay"],
+                  "momentum": pqcl.teacher_momentum(cfg, step - 1, steps_per_epoch),
+                  "teacher_temp": pqcl.teacher_temperature(cfg, step - 1, steps_per_epoch),
+                  "student_temp": cfg.student_temp, "images_per_s": self.global_batch / step_time,
+                  "step_time_s": step_time, "peak_memory_mb": peak_memory, "skipped_images": self.skipped}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        eta = (now - self.run_start) / (step - self.start_step) * (self.total_steps - step)
+        line = (f"step {step}/{self.total_steps} ep {epoch} | loss {losses['loss']:.3f} (cls {losses['cls']:.3f} "
+                f"patch {losses['patch']:.3f} query {losses['query']:.3f}) | {record['images_per_s']:.1f} img/s | "
+                f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
+        print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
+
+    def finish(self, step):
+        self.file.close()
+        print(("\n" if self.interactive else "")
+              + f"trained {step - self.start_step} steps in {format_duration(time.perf_counter() - self.run_start)}"
+              + (f"; skipped {self.skipped} unreadable images" if self.skipped else ""), flush=True)
+
+
+def train(args):
+    rank, world_size, device = setup_distributed()
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
+    cfg = pqcl.Config(**checkpoint["config"]) if checkpoint else config_from_args(args)
+    # everything that can fail on bad input happens before anything is written
+    source = ImageFiles(args.data) if args.data else None
+    splits = None if source else embedded_splits(cfg.seed, cfg.img_size)
+    source = source or EmbeddedImages(splits[0][0])
+    sampler = ResumableSampler(len(source), cfg.batch_size, cfg.seed, rank, world_size)
+    if sampler.steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} x {world_size} processes exceeds the {len(source)} "
+                         "images; lower --batch-size")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
+    workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if args.data else 0)
+
+    torch.manual_seed(cfg.seed)
+    model = pqcl.PQCL(cfg).to(device)
+    optimizer = make_optimizer(model, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    step = 0
+    if checkpoint:
+        model.student.load_state_dict(checkpoint["student"])
+        model.teacher.load_state_dict(checkpoint["teacher"])
+        for name, center in checkpoint["centers"].items():
+            getattr(model, name).copy_(center)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        step = checkpoint["step"]
+    if args.compile:
+        for module in [*model.student.backbone.blocks, *model.teacher.backbone.blocks,
+                       *model.student.heads.values(), *model.teacher.heads.values()]:
+            module.compile()
+    forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=False) if world_size > 1 else model
+    dataset = Augmented(source, pqcl.PQCLAugmentation.from_config(cfg), cfg.seed)
+    loader_kwargs = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                         prefetch_factor=4 if workers else None)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    def state(epoch):  # drop path is reseeded from (seed, rank, step), so `step` is the RNG state too
+        return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                "centers": {n: getattr(model, n) for n in ("center_cls", "center_patch", "center_query")},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                "config": dataclasses.asdict(cfg), "epoch": epoch, "step": step, "world_size": world_size}
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        print(f"PQCL-{cfg.framework} ({f'lambda {cfg.query_weight}' if cfg.use_queries else 'baseline, no queries'}) "
+              f"{cfg.arch}{f' depth {cfg.depth}' if cfg.depth else ''}/{cfg.patch_size} at {cfg.img_size} px on "
+              f"{args.data or 'the embedded shapes dataset'}: {len(source)} images, {world_size} x {device.type}, "
+              f"{precision}, global batch {cfg.batch_size * world_size}, {total_steps} steps"
+              + (f", resuming at step {step}" if checkpoint else ""), flush=True)
+    log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
+    running = torch.zeros(5, device=device)  # since the last sync: sums of loss, cls, patch, query; skipped images
+    interval_steps = 0
+
+    epoch = step // steps_per_epoch
+    while step < total_steps:
+        sampler.epoch, sampler.start_step = epoch, step - epoch * steps_per_epoch
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # drop path: a function of the step
+            terms = train_step(model, optimizer, batch, step, steps_per_epoch, world_size, amp_dtype, scaler, forward)
+            step += 1
+            interval_steps += 1
+            running += torch.stack([terms["loss"], terms["cls"], terms["patch"], terms["query"],
+                                    batch["skipped"].sum().to(running.dtype)])
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            log_now = step % args.log_every == 0 or end_of_epoch
+            save_now = step % args.ckpt_every == 0 or end_of_epoch
+            if not (log_now or save_now or (stop_requested and world_size == 1)):
+                continue
+            # sync point: every rank agrees on the loss, finiteness and a pending SIGTERM
+            if device.type == "cpu":
+                release_freed_memory()
+            params_finite = torch.stack(torch._foreach_norm(list(model.student.parameters()))).isfinite().all()
+            totals = all_ranks_sum(torch.cat([running, torch.stack([(~params_finite).float(),
+                                                                   torch.tensor(float(bool(stop_requested)), device=device)])]))
+            if not totals[:4].isfinite().all() or totals[5] > 0:
+                raise FloatingPointError(f"non-finite loss or weights near step {step}; the last good checkpoint in "
+                                         f"{args.output_dir} is untouched. Lower --lr or use --precision fp32.")
+            stop = totals[6] > 0
+            if log_now or stop:
+                if log is not None:
+                    means = (totals[:4] / (interval_steps * world_size)).tolist()
+                    log.write(step, epoch, dict(zip(("loss", "cls", "patch", "query"), means)), int(totals[4]),
+                              interval_steps, optimizer, cfg, steps_per_epoch, peak_memory_mb(device))
+                running.zero_()
+                interval_steps = 0
+            if save_now or stop:
+                if rank == 0:
+                    save_atomic(state(step // steps_per_epoch), checkpoint_path)
+            if stop:
+                if rank == 0:
+                    print(f"\nstopped by SIGTERM at step {step}; continue with --resume", flush=True)
+                return cfg, None
+            if step >= total_steps:
+                break
+        epoch += 1
+    if rank == 0:
+        log.finish(step)
+        export_backbone(checkpoint_path, os.path.join(args.output_dir, "backbone.pth"))
+    return cfg, splits
+
+
+def evaluate_embedded(cfg, splits, model_backbone, output_dir):
+    torch.manual_seed(cfg.seed)
+    random_backbone = pqcl.PQCL(cfg).teacher.backbone.eval()  # the initialisation training started from
+    start = time.perf_counter()
+    result = {"knn_top1": knn_eval(model_backbone, *splits), "knn_top1_random_init": knn_eval(random_backbone, *splits),
+              "k": 20, "temperature": 0.07, "train_images": len(splits[0][0]), "test_images": len(splits[1][0])}
+    save_atomic_json(result, os.path.join(output_dir, "eval.json"))
+    print(f"k-NN top-1 on the held-out split (k=20, T=0.07): trained teacher {result['knn_top1']:.1f}% | "
+          f"random init {result['knn_top1_random_init']:.1f}% ({time.perf_counter() - start:.0f}s)", flush=True)
+    return result
+
+
+def save_atomic_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        if args.export:
+            export_backbone(*args.export)
+            print(f"wrote the teacher backbone of {args.export[0]} to {args.export[1]}")
+            return 0
+        cfg, splits = train(args)
+        if splits is not None and args.eval and (not dist.is_initialized() or dist.get_rank() == 0):
+            backbone, _ = backbone_from_checkpoint(os.path.join(args.output_dir, "backbone.pth"))
+            evaluate_embedded(cfg, splits, backbone, args.output_dir)
+        return 0
+    except UsageError as error:
+        print(f"train_ddp.py: error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"\ntrain_ddp.py: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
