@@ -14,6 +14,7 @@ Every Config field of pqcl.py is a flag (--query-weight, --num-queries, ...).
 import argparse
 import ctypes
 import dataclasses
+import gzip
 import inspect
 import json
 import math
@@ -105,9 +106,44 @@ def make_shapes(num, size=32, seed=0, supersample=3):
     return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(label_maps)
 
 
-def embedded_splits(seed, size=32):
+def embedded_splits(seed=0, size=32):
     """(train, test) splits of the embedded dataset, each (images, labels, label_maps)."""
     return make_shapes(EMBEDDED_TRAIN, size, seed), make_shapes(EMBEDDED_TEST, size, seed + 10_000)
+
+
+FASHION_MNIST = os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format, gzipped) -> numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_splits(seed=0, size=32, root=FASHION_MNIST):
+    """(train, test) of Fashion-MNIST, each (images (n, 3, size, size) uint8, labels, None).
+    The 28 x 28 images are padded with their own black background to 32 x 32, an 8 x 8 grid
+    of 4-px patches with no resampling (resized only if size is not 32)."""
+    files = {split: (os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
+             for split, prefix in (("train", "train"), ("test", "t10k"))}
+    if not all(os.path.exists(p) for pair in files.values() for p in pair):
+        raise UsageError(f"Fashion-MNIST is not in {root}; install it with "
+                         "'apt-get install -y dataset-fashion-mnist' (or set FASHION_MNIST to its folder)")
+    splits = []
+    for images_path, labels_path in files.values():
+        images = F.pad(torch.from_numpy(read_idx(images_path).copy()), (2, 2, 2, 2))  # (n, 32, 32)
+        images = images[:, None].expand(-1, 3, -1, -1)  # (n, 3, 32, 32), grey as RGB
+        if size != 32:
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+        splits.append((images.contiguous(), torch.from_numpy(read_idx(labels_path).astype(np.int64)), None))
+    return tuple(splits)
+
+
+BUILTIN_DATASETS = {"embedded": embedded_splits, "fashion-mnist": fashion_mnist_splits}
 
 
 # --------------------------------------------------------------------------------------
@@ -146,7 +182,7 @@ class ImageFiles(Dataset):
         raise RuntimeError("no readable image in the dataset")
 
 
-class EmbeddedImages(Dataset):
+class InMemoryImages(Dataset):
     def __init__(self, images):
         self.images = images  # (n, 3, S, S) uint8
 
@@ -214,7 +250,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
-    run.add_argument("--data", help="ImageFolder tree to pretrain on; omit for the embedded shapes dataset")
+    run.add_argument("--data", default="embedded",
+                     help="an ImageFolder tree, or a built-in set: 'embedded' (generated shapes, the default) "
+                          "or 'fashion-mnist' (apt-get install -y dataset-fashion-mnist)")
+    run.add_argument("--subset", type=int, default=0, help="pretrain on the first N images only (0: all)")
     run.add_argument("--output-dir", default="runs/embedded", help="checkpoint.pth, log.jsonl, backbone.pth, eval.json")
     run.add_argument("--resume", action="store_true", help="continue <output-dir>/checkpoint.pth at its exact step")
     run.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs)")
@@ -224,13 +263,13 @@ def build_parser():
                      help="autocast precision; auto = bf16 on GPU, fp32 on CPU (faster on CPUs without AMX)")
     run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and heads")
     run.add_argument("--workers", type=int, default=-1,
-                     help="data-loading processes per GPU/process (-1: 8 for --data, 0 for the embedded set)")
+                     help="data-loading processes per GPU/process (-1: 8 for an ImageFolder, 0 for built-in sets)")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                     help="after training on the embedded set, k-NN of the teacher vs a random init")
+                     help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
     run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                      help="write the teacher backbone of CKPT to OUT (timm names) and exit")
-    method = parser.add_argument_group("method (pqcl.Config; defaults: the authors' ViT-S recipe, "
-                                       "or the embedded preset when --data is omitted)")
+    method = parser.add_argument_group("method (pqcl.Config; defaults: the authors' ViT-S recipe for an "
+                                       "ImageFolder, a small CPU preset for the built-in sets)")
     helps = _config_help()
     for field in dataclasses.fields(pqcl.Config):
         flag, default = "--" + field.name.replace("_", "-"), field.default
@@ -248,7 +287,7 @@ def build_parser():
 def config_from_args(args):
     given = {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(pqcl.Config)
              if (v := getattr(args, f.name)) is not None}
-    base = {} if args.data else dict(EMBEDDED)
+    base = dict(EMBEDDED) if args.data in BUILTIN_DATASETS else {}
     try:
         return pqcl.Config(**{**base, **given})
     except ValueError as error:
@@ -490,18 +529,21 @@ def train(args):
     checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
     cfg = pqcl.Config(**checkpoint["config"]) if checkpoint else config_from_args(args)
     # everything that can fail on bad input happens before anything is written
-    source = ImageFiles(args.data) if args.data else None
-    splits = None if source else embedded_splits(cfg.seed, cfg.img_size)
-    source = source or EmbeddedImages(splits[0][0])
-    sampler = ResumableSampler(len(source), cfg.batch_size, cfg.seed, rank, world_size)
+    if args.data in BUILTIN_DATASETS:
+        splits = BUILTIN_DATASETS[args.data](cfg.seed, cfg.img_size)
+        source = InMemoryImages(splits[0][0])
+    else:
+        splits, source = None, ImageFiles(args.data)
+    num_images = min(args.subset, len(source)) if args.subset else len(source)  # the sampler draws from these
+    sampler = ResumableSampler(num_images, cfg.batch_size, cfg.seed, rank, world_size)
     if sampler.steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} x {world_size} processes exceeds the {len(source)} "
+        raise UsageError(f"--batch-size {cfg.batch_size} x {world_size} processes exceeds the {num_images} "
                          "images; lower --batch-size")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
-    workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if args.data else 0)
+    workers = args.workers if args.workers >= 0 else (0 if args.data in BUILTIN_DATASETS else min(8, os.cpu_count() or 1))
 
     torch.manual_seed(cfg.seed)
     model = pqcl.PQCL(cfg).to(device)
@@ -543,7 +585,7 @@ def train(args):
         os.makedirs(args.output_dir, exist_ok=True)
         print(f"PQCL-{cfg.framework} ({f'lambda {cfg.query_weight}' if cfg.use_queries else 'baseline, no queries'}) "
               f"{cfg.arch}{f' depth {cfg.depth}' if cfg.depth else ''}/{cfg.patch_size} at {cfg.img_size} px on "
-              f"{args.data or 'the embedded shapes dataset'}: {len(source)} images, {world_size} x {device.type}, "
+              f"{args.data}: {num_images} images, {world_size} x {device.type}, "
               f"{precision}, global batch {cfg.batch_size * world_size}, {total_steps} steps"
               + (f", resuming at step {step}" if checkpoint else ""), flush=True)
     log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
@@ -600,12 +642,15 @@ def train(args):
     return cfg, splits
 
 
-def evaluate_embedded(cfg, splits, model_backbone, output_dir):
+def evaluate_builtin(cfg, splits, backbone, output_dir, max_train=10_000):
+    """k-NN of the trained teacher and of the initialisation it started from, on the test split
+    (training features from the first `max_train` images of the training split)."""
     torch.manual_seed(cfg.seed)
     random_backbone = pqcl.PQCL(cfg).teacher.backbone.eval()  # the initialisation training started from
+    train = tuple(part[:max_train] if part is not None else None for part in splits[0])
     start = time.perf_counter()
-    result = {"knn_top1": knn_eval(model_backbone, *splits), "knn_top1_random_init": knn_eval(random_backbone, *splits),
-              "k": 20, "temperature": 0.07, "train_images": len(splits[0][0]), "test_images": len(splits[1][0])}
+    result = {"knn_top1": knn_eval(backbone, train, splits[1]), "knn_top1_random_init": knn_eval(random_backbone, train, splits[1]),
+              "k": 20, "temperature": 0.07, "train_images": len(train[0]), "test_images": len(splits[1][0])}
     save_atomic_json(result, os.path.join(output_dir, "eval.json"))
     print(f"k-NN top-1 on the held-out split (k=20, T=0.07): trained teacher {result['knn_top1']:.1f}% | "
           f"random init {result['knn_top1_random_init']:.1f}% ({time.perf_counter() - start:.0f}s)", flush=True)
@@ -629,7 +674,7 @@ def main(argv=None):
         cfg, splits = train(args)
         if splits is not None and args.eval and (not dist.is_initialized() or dist.get_rank() == 0):
             backbone, _ = backbone_from_checkpoint(os.path.join(args.output_dir, "backbone.pth"))
-            evaluate_embedded(cfg, splits, backbone, args.output_dir)
+            evaluate_builtin(cfg, splits, backbone, args.output_dir)
         return 0
     except UsageError as error:
         print(f"train_ddp.py: error: {error}", file=sys.stderr)
