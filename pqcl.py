@@ -207,8 +207,9 @@ def sample_mask_ratio(ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator=None):
 def block_mask(rows, cols, ratio, generator=None, aspect=(0.3, 1 / 0.3)):
     """BEiT block-wise mask (rows, cols) bool with at most ratio * rows * cols True.
 
-    Rectangles of area >= (min(rows, cols) // 3)^2 and aspect in `aspect` are added
-    until the budget is reached or ten placements in a row fail to add patches.
+    Rectangles with aspect in `aspect` and area >= (min(rows, cols) // 3)^2 are added until
+    the budget is reached or ten placements in a row fail to add patches; once less than
+    that area is left, the last blocks are drawn between the two (as BEiT and iBOT do).
     """
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     budget_total = ratio * rows * cols
@@ -219,7 +220,7 @@ def block_mask(rows, cols, ratio, generator=None, aspect=(0.3, 1 / 0.3)):
         budget = budget_total - masked
         added = 0
         for _ in range(10):
-            area = _uniform(min_area, max(min_area, budget), generator)  # never below min_area
+            area = _uniform(min_area, budget, generator)
             ratio_hw = math.exp(_uniform(*log_aspect, generator))
             h, w = round(math.sqrt(area * ratio_hw)), round(math.sqrt(area / ratio_hw))
             if h < rows and w < cols:

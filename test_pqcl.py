@@ -443,10 +443,13 @@ def test_block_mask_close_to_ratio_on_average(grid):
 @settings(max_examples=100, deadline=None)
 @given(rows=st.integers(9, 16), cols=st.integers(9, 16), ratio=st.floats(0.1, 0.5), seed=st.integers(0, 2**31))
 def test_block_mask_is_made_of_blocks(rows, cols, ratio, seed):
-    """Grids >= 9: blocks have area >= 9 and aspect <= 1/0.3, so every masked patch sits in a
-    fully masked 2x2 square (numpy check)."""
+    """Grids >= 9: while at least (G//3)^2 >= 9 patches of budget remain, blocks have area
+    >= 9 and aspect <= 1/0.3, so sides >= 2; only the final blocks, adding fewer than
+    (G//3)^2 patches in all, may be thin. So fewer than (G//3)^2 masked patches lie outside
+    a fully masked 2x2 square (numpy check), and most masks have none."""
     mask = pqcl.block_mask(rows, cols, ratio, torch.Generator().manual_seed(seed)).numpy()
-    assert (covered_by_full_2x2(mask) >= mask).all()
+    outside_blocks = (mask & ~covered_by_full_2x2(mask)).sum()
+    assert outside_blocks < (min(rows, cols) // 3) ** 2
 
 
 def test_block_mask_is_deterministic_by_generator():
