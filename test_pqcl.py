@@ -818,3 +818,105 @@ def test_invalid_configuration_names_the_parameter(param, build):
     """Each invalid setting raises ValueError whose message names the offending parameter."""
     with pytest.raises(ValueError, match=rf"\b{re.escape(param)}\b"):
         build()
+
+
+# --------------------------------------------------------------------------------------
+# ---- visualize.py: the picture of a query crop, its attention and its prototypes
+# --------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402  (this section's imports stay with it)
+
+from PIL import Image  # noqa: E402
+
+import visualize  # noqa: E402
+
+VIS_SIZE, VIS_PATCH, VIS_QUERY = 32, 4, 16  # G = 8, l = 4
+
+
+def footprint_outline(box, layout, width):
+    """The pixels a `width`-px outline of the view-pixel box (x0, y0, x1, y1) lights in a
+    panel, computed here by the pixel formula: display px = margin + view px * scale,
+    the outline covering [x0, x1) x [y0, y1) and running inward from its edges."""
+    x0, y0, x1, y1 = (layout.margin + v * layout.scale for v in box)
+    assert all(float(v).is_integer() for v in (x0, y0, x1, y1)), "pick boxes on whole display pixels"
+    ys, xs = torch.meshgrid(torch.arange(layout.panel), torch.arange(layout.panel), indexing="ij")
+    inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    core = (xs >= x0 + width) & (xs < x1 - width) & (ys >= y0 + width) & (ys < y1 - width)
+    return inside & ~core
+
+
+@pytest.mark.parametrize("global_flip,query_flip", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("global_box,query_box", [
+    ((4, 2, 64, 64), (20, 10, 16, 24)),  # inside the view, in its left half
+    ((30, 40, 64, 64), (24, 30, 20, 28)),  # reaching above and left of the view, into the margin
+])
+def test_drawn_footprint_matches_boxes_and_flips(global_box, query_box, global_flip, query_flip):
+    """The footprint drawn from relative_positions lights exactly the outline of the query
+    box seen in the global view (mirrored when the view is flipped, whatever the crop's
+    flip); the unflipped-view box, as a mishandled flip would place it, does not match."""
+    grid, query_grid = VIS_SIZE // VIS_PATCH, VIS_QUERY // VIS_PATCH
+    positions = pqcl.relative_positions(global_box, query_box, grid, query_grid, global_flip, query_flip)
+    extent = visualize.patch_extent(global_box, query_box, grid, query_grid)
+    footprint = visualize.position_box(positions.flatten(0, 1), extent, VIS_PATCH)
+    layout = visualize.Layout(VIS_SIZE, 4)
+    view = torch.zeros(3, VIS_SIZE, VIS_SIZE, dtype=torch.uint8)
+    lit = (visualize.view_panel(view, layout, footprint) != visualize.view_panel(view, layout)).any(0)
+
+    g_top, g_left, g_h, g_w = global_box
+    q_top, q_left, q_h, q_w = query_box
+    y0, y1 = (q_top - g_top) * VIS_SIZE / g_h, (q_top - g_top + q_h) * VIS_SIZE / g_h
+    x0, x1 = (q_left - g_left) * VIS_SIZE / g_w, (q_left - g_left + q_w) * VIS_SIZE / g_w
+    shown, mirrored = (x0, y0, x1, y1), (VIS_SIZE - x1, y0, VIS_SIZE - x0, y1)
+    if global_flip:
+        shown, mirrored = mirrored, shown
+    assert torch.equal(lit, footprint_outline(shown, layout, visualize.FOOTPRINT_WIDTH))
+    assert not torch.equal(lit, footprint_outline(mirrored, layout, visualize.FOOTPRINT_WIDTH))
+
+
+@pytest.mark.parametrize("num_queries", [1, 2])
+def test_picture_attention_reproduces_the_last_block(num_queries):
+    """The weights read from the last block's qkv, applied to its values (raw tokens, then
+    the crop's own), give exactly what pqcl.Attention passed to its output projection."""
+    model = tiny_pqcl(num_queries=num_queries).eval()
+    torch.manual_seed(0)
+    sample = pqcl.PQCLAugmentation.from_config(model.cfg)(torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8))
+    attn = model.student.backbone.blocks[-1].attn
+    captured = {}
+    hooks = [attn.qkv.register_forward_hook(lambda m, i, o: captured.setdefault("qkv", o)),
+             attn.proj.register_forward_hook(lambda m, i, o: captured.setdefault("proj_in", i[0]))]
+    with torch.no_grad():
+        tokens, _ = model.student.backbone.forward_student(sample["globals"], sample["query_pos"])
+    for hook in hooks:
+        hook.remove()
+    V, R, H, L = 2, tokens.shape[1], attn.num_heads, sample["query_pos"].shape[2]
+    weights = visualize.query_attention(captured["qkv"], R, num_queries, H)  # (V, Q, H, L, R + L)
+    assert weights.shape == (V, num_queries, H, L, R + L)
+    assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)
+    values = captured["qkv"].view(V, R + num_queries * L, 3, H, -1)[:, :, 2].transpose(1, 2)  # (V, H, T, hd)
+    for q in range(num_queries):
+        own = values[:, :, R + q * L:R + (q + 1) * L]  # (V, H, L, hd)
+        mixed = weights[:, q] @ torch.cat([values[:, :, :R], own], dim=2)  # (V, H, L, hd)
+        expected = captured["proj_in"][:, R + q * L:R + (q + 1) * L].unflatten(-1, (H, -1)).transpose(1, 2)
+        assert torch.allclose(mixed, expected, atol=1e-5)
+
+
+def test_picture_command_writes_png_of_layout_size(tmp_path, capsys):
+    """The command on a tiny checkpoint and an image file writes one PNG of the layout's
+    size: 2 rows of (4 + marked patches) cells, and prints the agreement it drew."""
+    model = tiny_pqcl()
+    model.center_query.normal_(generator=torch.Generator().manual_seed(0))
+    checkpoint = {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                  "centers": {"center_query": model.center_query}, "config": dataclasses.asdict(model.cfg), "step": 7}
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    image = torch.randint(0, 256, (20, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "source.png")
+    with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
+        status = visualize.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
+                                 str(tmp_path / "source.png"), "--out", str(tmp_path / "pictures")])
+    assert status == 0
+    marked = visualize.marked_patches(QUERY // PATCH)
+    layout = visualize.Layout(IMG, len(marked))
+    assert len(marked) == 4 and layout.columns == 8 and layout.rows == 2
+    with Image.open(tmp_path / "pictures" / "source.png") as picture:
+        assert picture.size == (layout.width, layout.height)
+    assert re.search(r"agreement view A \d+%, view B \d+%, mean \d+%", capsys.readouterr().out)
