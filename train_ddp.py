@@ -413,16 +413,19 @@ def train_step(model, optimizer, batch, step, steps_per_epoch, world_size=1, amp
 
 
 @torch.no_grad()
-def cls_features(backbone, images, batch_size=256):
-    """uint8 images (n, 3, S, S) -> l2-normalised [CLS] features (n, D) of a frozen backbone."""
+def frozen_tokens(backbone, images, batch_size=256):
+    """uint8 images (n, 3, S, S) -> all output tokens of a frozen backbone, one chunk at a
+    time: yields float32 CPU tensors (c, 1 + N, D), c <= batch_size (evaluate.py uses the patches)."""
     device = next(backbone.parameters()).device
     mean = torch.tensor(pqcl.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pqcl.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    features = []
     for chunk in images.split(batch_size):
-        x = (chunk.to(device).float() / 255 - mean) / std
-        features.append(F.normalize(backbone(x)[:, 0].float(), dim=-1).cpu())
-    return torch.cat(features)
+        yield backbone((chunk.to(device).float() / 255 - mean) / std).float().cpu()
+
+
+def cls_features(backbone, images, batch_size=256):
+    """uint8 images (n, 3, S, S) -> l2-normalised [CLS] features (n, D) of a frozen backbone."""
+    return torch.cat([F.normalize(tokens[:, 0], dim=-1) for tokens in frozen_tokens(backbone, images, batch_size)])
 
 
 def knn_top1(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07, chunk=1024):
