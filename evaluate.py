@@ -427,6 +427,8 @@ def benchmark(args, train_args, command):
                       f"({train_ddp.format_duration(time.perf_counter() - row_start)})", flush=True)
     report = {"command": command, "date": datetime.date.today().isoformat(), "seeds": args.seeds,
               "settings": settings, "wall_s": time.perf_counter() - start, "rows_done_before": resumed,
+              "rows_s": sum(run.get("pretrain_s", 0.0) + run["eval_s"]  # every invocation's pretraining + evaluation
+                            for rows in results.values() for runs in rows.values() for run in runs),
               "configs": {data: dataclasses.asdict(cfg) for data, cfg in configs.items()},
               "results": {data: summarize(results[data]) for data in args.datasets}}
     write_report(report, args.out)
@@ -442,7 +444,9 @@ def write_report(report, out):
              f"{cfg.arch} depth {cfg.depth or pqcl.ARCHS[cfg.arch][1]}, patch {cfg.patch_size}, {cfg.img_size} px; "
              f"per run {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.batch_size} "
              f"({cfg.epochs * steps_per_epoch * cfg.batch_size} images seen); mean ± sample std over seeds "
-             f"{', '.join(map(str, report['seeds']))}; wall time {train_ddp.format_duration(report['wall_s'])}"
+             f"{', '.join(map(str, report['seeds']))}. Pretraining + evaluation of all rows took "
+             f"{train_ddp.format_duration(report['rows_s'])}; this invocation "
+             f"{train_ddp.format_duration(report['wall_s'])}"
              + (f" ({report['rows_done_before']} rows evaluated before)" if report["rows_done_before"] else "") + "."]
     for data, summary in report["results"].items():
         lines += ["", f"**{data}**", "", markdown_table(summary)]
