@@ -1219,3 +1219,63 @@ def test_cli_on_benchmark_checkpoints_matches_benchmark(tiny_benchmark, tmp_path
                    "dense_pixel_acc"):
         assert result[metric] == expected[metric], metric
     assert read_json(run_dir, "knn-embedded.json")["knn_top1_k20"] == expected["knn_top1_k20"]
+
+
+# --------------------------------------------------------------------------------------
+# ---- bench.py: its naive reference computes the fast path's loss; a smoke run
+# --------------------------------------------------------------------------------------
+
+import bench  # noqa: E402  (this section is appended; its imports live with it)
+import torchvision.transforms.v2 as T  # noqa: E402
+
+
+def test_bench_naive_path_computes_the_fast_loss():
+    """bench.NaivePQCL (masked full attention over [raw; queries], the head on every token)
+    gives the fast path's loss terms, gradients and centers on the same batch and seed."""
+    cfg = tiny_config()
+    with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
+        fast, naive = bench.build_model(cfg), bench.build_model(cfg, naive=True)
+    assert any(isinstance(m, bench.NaiveAttention) for m in naive.modules())
+    batch = bench.synthetic_batch(cfg, BATCH, seed=1)
+    assert batch["masks"].any() and not batch["masks"].all()
+    outputs = []
+    for model in (fast, naive):
+        torch.manual_seed(5)  # drop path on: the same draws
+        terms = model(batch)
+        params = [p for p in model.student.parameters() if p.requires_grad]
+        outputs.append((terms, torch.autograd.grad(terms["loss"], params), model.center_patch.clone()))
+    (fast_terms, fast_grads, fast_center), (naive_terms, naive_grads, naive_center) = outputs
+    for name in ("loss", "cls", "patch", "query"):
+        torch.testing.assert_close(naive_terms[name], fast_terms[name], rtol=1e-5, atol=1e-5)
+    for g_naive, g_fast in zip(naive_grads, fast_grads):
+        torch.testing.assert_close(g_naive, g_fast, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(naive_center, fast_center)
+
+
+def test_bench_quick_run_writes_finite_positive_figures(tmp_path):
+    assert bench.main(["--quick", "--threads", "1", "--json", str(tmp_path / "bench.json")]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert len(results["figures"]) >= 4
+    for figure in results["figures"].values():
+        for key in ("s_per_step", "images_per_s", "gflop_per_step", "tflops", "resting_mb"):
+            assert math.isfinite(figure[key]) and figure[key] > 0, key
+        assert figure["step_mb"] is None or figure["step_mb"] > 0
+    measured = [r for r in results["ratios"].values() if "median" in r]
+    assert len(measured) >= 4 and all(math.isfinite(r["median"]) and r["median"] > 0 for r in measured)
+    assert results["data"]["images_per_s_per_worker"] > 0
+
+
+@pytest.mark.parametrize("size", [224, 96, 32])
+def test_separable_blur_is_torchvision_blur(size):
+    """pqcl.SeparableGaussianBlur (two 1-D passes) = T.GaussianBlur with the same seed: one
+    grey level at most on uint8 images, float rounding on float tensors."""
+    kernel, sigma = 2 * round(0.05 * size) + 1, (0.1 * size / 224, 2.0 * size / 224)
+    gen = torch.Generator().manual_seed(size)
+    for image, tolerance in ((torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8, generator=gen), 1.0),
+                             (torch.rand(2, 3, 40, 52, generator=gen), 1e-5)):
+        torch.manual_seed(0)
+        expected = T.GaussianBlur(kernel, sigma)(image)
+        torch.manual_seed(0)
+        blurred = pqcl.SeparableGaussianBlur(kernel, sigma)(image)
+        assert blurred.dtype == image.dtype and blurred.shape == image.shape
+        assert (blurred.float() - expected.float()).abs().max() <= tolerance

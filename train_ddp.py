@@ -263,7 +263,9 @@ def build_parser():
                      help="autocast precision; auto = bf16 on GPU, fp32 on CPU (faster on CPUs without AMX)")
     run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and heads")
     run.add_argument("--workers", type=int, default=-1,
-                     help="data-loading processes per GPU/process (-1: 8 for an ImageFolder, 0 for built-in sets)")
+                     help="data-loading processes per GPU/process (-1: for an ImageFolder the node's cores shared "
+                          "among its processes, one left to each for training; 0 for built-in sets). Augmentation "
+                          "bounds GPU training: bench.py measures the images/s of one worker")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
     run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
@@ -371,6 +373,14 @@ def make_optimizer(model, device):
     return torch.optim.AdamW(groups, lr=0.0, fused=device.type in ("cuda", "cpu"))
 
 
+def compile_model(model):
+    """torch.compile, in place, the transformer blocks and the heads: the compute. The glue
+    between them (masking, token selection, losses) has data-dependent shapes."""
+    for module in [*model.student.backbone.blocks, *model.teacher.backbone.blocks,
+                   *model.student.heads.values(), *model.teacher.heads.values()]:
+        module.compile()
+
+
 def train_step(model, optimizer, batch, step, steps_per_epoch, world_size=1, amp_dtype=None, scaler=None,
                forward=None):
     """One optimizer step of PQCL at global step `step`: schedules, forward under autocast,
@@ -476,6 +486,13 @@ def format_duration(seconds):
     return f"{minutes}m{seconds:02d}s"
 
 
+def default_workers():
+    """Data workers per process: this node's cores shared among its processes, one kept for the
+    training loop. One worker augments tens of images/s (bench.py); a GPU step eats thousands."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def release_freed_memory():
     """glibc keeps the holes that CPU tensors of varying size (masked-token counts change
     every step) leave in its heap: without this a CPU run grows by ~30 MB a step."""
@@ -546,7 +563,7 @@ def train(args):
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
-    workers = args.workers if args.workers >= 0 else (0 if args.data in BUILTIN_DATASETS else min(8, os.cpu_count() or 1))
+    workers = args.workers if args.workers >= 0 else (0 if args.data in BUILTIN_DATASETS else default_workers())
 
     torch.manual_seed(cfg.seed)
     model = pqcl.PQCL(cfg).to(device)
@@ -563,9 +580,7 @@ def train(args):
             scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
     if args.compile:
-        for module in [*model.student.backbone.blocks, *model.teacher.backbone.blocks,
-                       *model.student.heads.values(), *model.teacher.heads.values()]:
-            module.compile()
+        compile_model(model)
     forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False) if world_size > 1 else model
     dataset = Augmented(source, pqcl.PQCLAugmentation.from_config(cfg), cfg.seed)
