@@ -411,7 +411,7 @@ def load_images(paths, indices, seed):
         return images
     if not all(0 <= i < train_ddp.EMBEDDED_TEST for i in indices):
         raise train_ddp.UsageError(f"--index: the held-out split has images 0 to {train_ddp.EMBEDDED_TEST - 1}")
-    held_out = train_ddp.make_shapes(train_ddp.EMBEDDED_TEST, 32, seed + 10_000)  # as embedded_splits makes it
+    held_out = train_ddp.embedded_test_split(seed, 32)
     shape_names = list(train_ddp.SHAPES)
     return [(f"embedded-test-{i}-{shape_names[held_out[1][i]]}", held_out[0][i]) for i in indices]
 
