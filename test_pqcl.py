@@ -960,9 +960,18 @@ def image_folder(root, num_images=32, corrupt=0):
     return str(root)
 
 
-def run_cli(args, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(REPO, "train_ddp.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+TRAIN_DDP = os.path.join(REPO, "train_ddp.py")
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: runs may share the cores
+
+
+def start_cli(args, **kwargs):
+    """`python train_ddp.py ARGS` as a child process (subprocess.Popen)."""
+    return subprocess.Popen([sys.executable, TRAIN_DDP, *args], cwd=REPO, env=CHILD_ENV, **kwargs)
+
+
+def run_cli(args):
+    """`python train_ddp.py ARGS` to its end: CompletedProcess with text stdout and stderr."""
+    return subprocess.run([sys.executable, TRAIN_DDP, *args], capture_output=True, text=True, cwd=REPO, env=CHILD_ENV)
 
 
 def read_log(output_dir):
@@ -992,9 +1001,8 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_image
     single = run_cli([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          os.path.join(REPO, "train_ddp.py"), *common, "--batch-size", "4",
-                          "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          TRAIN_DDP, *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=REPO, env=CHILD_ENV)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one_log, two_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in one_log] == [r["step"] for r in two_log] == [1, 2, 3]
@@ -1016,9 +1024,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_images, tm
     whole = run_cli([*common, "--output-dir", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train_ddp.py"), *common, "--output-dir", str(killed_dir)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = start_cli([*common, "--output-dir", str(killed_dir)], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed_dir / "checkpoint.pth").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -1039,9 +1046,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_images, tmp_path):
     """SIGTERM (preemption): the run writes a checkpoint at a completed step and exits 0."""
     args = [*TINY_RUN, "--data", tiny_images, "--epochs", "50", "--batch-size", "4", "--ckpt-every", "1000",
             "--output-dir", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train_ddp.py"), *args], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = start_cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.02)
