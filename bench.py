@@ -98,6 +98,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pqcl  # noqa: E402
+import data  # noqa: E402
 import train_ddp  # noqa: E402
 
 ARCH_NAMES = {"vit_tiny": "ViT-T", "vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L"}
@@ -333,8 +334,8 @@ class Trainer:
         torch.manual_seed(seed)  # drop path draws: the same for every variant of a pair
         self._sync()
         start = time.perf_counter()
-        terms = train_ddp.train_step(self.model, self.optimizer, batch, self.step_index, STEPS_PER_EPOCH,
-                                     amp_dtype=self.amp_dtype)
+        schedule = train_ddp.schedule_at(self.variant.cfg, self.step_index, STEPS_PER_EPOCH)
+        terms = train_ddp.train_step(self.model, self.optimizer, batch, schedule, amp_dtype=self.amp_dtype)
         self._sync()
         seconds = time.perf_counter() - start
         self.step_index += 1
@@ -438,14 +439,14 @@ def write_jpegs(folder, count, size=(500, 375), seed=0):
 
 
 def augmentation_throughput(cfg, num_images):
-    """Images/s of one worker: train_ddp.ImageFiles (PIL decode) + PQCLAugmentation
+    """Images/s of one worker: data.ImageFiles (PIL decode) + data.augmentation
     (2 global views, the query crops, masks), with one thread as a DataLoader worker has."""
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as root:
         folder = os.path.join(root, "class0")
         write_jpegs(folder, num_images)
         kb = statistics.fmean(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)) / 1024
-        dataset = train_ddp.Augmented(train_ddp.ImageFiles(root), pqcl.PQCLAugmentation.from_config(cfg), cfg.seed)
+        dataset = data.Augmented(data.ImageFiles(root), data.augmentation(cfg), cfg.seed)
         torch.set_num_threads(1)
         try:
             dataset[(0, 0)]  # warm-up

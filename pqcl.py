@@ -29,7 +29,7 @@ Usage:
     out["loss"].backward(); optimizer.step(); model.update_teacher(momentum)
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,52 +49,58 @@ FRAMEWORKS = ("ibot", "dino")
 HEAD_MODES = ("shared", "semi-shared", "vanilla")  # paper Table 7
 
 
+def knob(default, help):
+    """A Config field and its help text (train_ddp.py's --help prints it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     """The method's knobs. Defaults are the authors' ViT-S/16, 100-epoch ImageNet recipe."""
 
     # backbone
-    arch: str = "vit_small"  # one of ARCHS
-    depth: int = 0  # transformer blocks; 0 = the architecture's own (12 for ViT-S); fewer for quick CPU runs
-    patch_size: int = 16  # P; 16 in every table of the paper
-    img_size: int = 224  # S, global view side
-    drop_path_rate: float = 0.1  # stochastic depth, student only (the teacher has none)
+    arch: str = knob("vit_small", "one of ARCHS")
+    depth: int = knob(0, "transformer blocks; 0 = the architecture's own (12 for ViT-S); fewer for quick CPU runs")
+    patch_size: int = knob(16, "P; 16 in every table of the paper")
+    img_size: int = knob(224, "S, global view side")
+    drop_path_rate: float = knob(0.1, "stochastic depth, student only (the teacher has none)")
     # views
-    global_scale: tuple = (0.25, 1.0)  # RandomResizedCrop area range of the 2 global views
-    query_size: int = 96  # s; 96 px = 6 x 6 query patches at P = 16 (paper Sec. 4.4)
-    query_scale: tuple = (0.05, 0.25)  # area range of query crops; Table 4: insensitive to it
-    num_queries: int = 1  # Q query crops per image; the authors use 1
+    global_scale: tuple = knob((0.25, 1.0), "RandomResizedCrop area range of the 2 global views")
+    query_size: int = knob(96, "s; 96 px = 6 x 6 query patches at P = 16 (paper Sec. 4.4)")
+    query_scale: tuple = knob((0.05, 0.25), "area range of query crops; Table 4: insensitive to it")
+    num_queries: int = knob(1, "Q query crops per image; the authors use 1")
     # objective
-    framework: str = "ibot"  # 'ibot' adds the masked-patch term of Eq. 2, 'dino' has [CLS] only
-    query_weight: float = 1.0  # lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline
-    patch_weight: float = 1.0  # lambda of Eq. 2 (iBOT's masked-patch weight)
-    mask_ratios: tuple = (0.0, 0.3)  # iBOT pred_ratio: per view one is picked at random ...
-    mask_ratio_vars: tuple = (0.0, 0.2)  # ... and jittered by +- this: 0 or U(0.1, 0.5)
-    mask_aspect: tuple = (0.3, 1 / 0.3)  # block aspect-ratio range (BEiT)
+    framework: str = knob("ibot", "'ibot' adds the masked-patch term of Eq. 2, 'dino' has [CLS] only")
+    query_weight: float = knob(1.0, "lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline")
+    patch_weight: float = knob(1.0, "lambda of Eq. 2 (iBOT's masked-patch weight)")
+    mask_ratios: tuple = knob((0.0, 0.3), "iBOT pred_ratio: per view one is picked at random ...")
+    mask_ratio_vars: tuple = knob((0.0, 0.2), "... and jittered by +- this: 0 or U(0.1, 0.5)")
+    mask_aspect: tuple = knob((0.3, 1 / 0.3), "block aspect-ratio range (BEiT)")
     # heads
-    head_mode: str = "shared"  # Table 7: 'shared' is best; 'semi-shared' = shared teacher head only
-    out_dim: int = 8192  # K prototypes; Table 6 finds little difference from 4096 to 16384
-    hidden_dim: int = 2048  # head MLP width
-    bottleneck_dim: int = 256  # l2-normalised bottleneck before the weight-normalised last layer
-    norm_last_layer: bool = False  # freeze the weight-norm gain; off for ViT-S (more stable when on)
+    head_mode: str = knob("shared", "Table 7: 'shared' is best; 'semi-shared' = shared teacher head only")
+    out_dim: int = knob(8192, "K prototypes; Table 6 finds little difference from 4096 to 16384")
+    hidden_dim: int = knob(2048, "head MLP width")
+    bottleneck_dim: int = knob(256, "l2-normalised bottleneck before the weight-normalised last layer")
+    norm_last_layer: bool = knob(False, "freeze the weight-norm gain; off for ViT-S (more stable when on)")
     # temperatures and centering
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07  # final teacher temperature; above 0.07 small ViTs can collapse
-    warmup_teacher_temp: float = 0.04  # start of the linear teacher-temperature warm-up
-    warmup_teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9  # EMA of the teacher output means (one center per term)
+    student_temp: float = knob(0.1, "student softmax temperature, every term")
+    teacher_temp: float = knob(0.07, "final teacher temperature; above 0.07 small ViTs can collapse")
+    warmup_teacher_temp: float = knob(0.04, "start of the linear teacher-temperature warm-up; "
+                                            "lower it (0.04) if the loss does not fall at the start")
+    warmup_teacher_temp_epochs: int = knob(30, "length of the teacher-temperature warm-up")
+    center_momentum: float = knob(0.9, "EMA of the teacher output means (one center per term)")
     # optimisation (AdamW with cosine schedules, as DINO/iBOT)
-    epochs: int = 100
-    batch_size: int = 64  # per process; the global batch is batch_size x world size
-    lr: float = 5e-4  # per 256 images: lr = lr x global_batch / 256 (linear scaling rule)
-    min_lr: float = 1e-6  # end of the cosine decay
-    warmup_epochs: int = 30  # linear lr warm-up (paper Sec. 4.1)
-    weight_decay: float = 0.04  # cosine from this ...
-    weight_decay_end: float = 0.4  # ... to this; biases and norms are never decayed
-    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1; raise to 0.9995 for batch 256
-    clip_grad: float = 3.0  # per-parameter-tensor gradient-norm clip, as DINO/iBOT
-    freeze_last_layer_epochs: int = 1  # keep the heads' last layer fixed at the start: avoids collapse
-    seed: int = 0
+    epochs: int = knob(100, "pretraining epochs")
+    batch_size: int = knob(64, "per process; the global batch is batch_size x world size")
+    lr: float = knob(5e-4, "per 256 images: lr = lr x global_batch / 256 (linear scaling rule)")
+    min_lr: float = knob(1e-6, "end of the cosine decay")
+    warmup_epochs: int = knob(30, "linear lr warm-up (paper Sec. 4.1)")
+    weight_decay: float = knob(0.04, "cosine from this ...")
+    weight_decay_end: float = knob(0.4, "... to this; biases and norms are never decayed")
+    momentum_teacher: float = knob(0.996, "EMA momentum, cosine to 1; raise to 0.9995 for batch 256")
+    clip_grad: float = knob(3.0, "per-parameter-tensor gradient-norm clip, as DINO/iBOT")
+    freeze_last_layer_epochs: int = knob(1, "keep the heads' last layer fixed at the start: avoids collapse")
+    seed: int = knob(0, "initialisation, data order, views and masks all follow from it")
 
     def __post_init__(self):
         def need(ok, param, fix):
@@ -244,26 +250,6 @@ def block_mask(rows, cols, ratio, generator=None, aspect=(0.3, 1 / 0.3)):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class SeparableGaussianBlur(T.GaussianBlur):
-    """T.GaussianBlur (same kernel size, same random sigma) as two 1-D passes. The 2-D kernel
-    is the outer product of the 1-D one, so the result is the same up to rounding (one grey
-    level at most) at a third of the cost: the 2-D blur was 3/4 of a data worker's time."""
-
-    def transform(self, image, params):  # PIL image or tensor (..., C, H, W)
-        pixels = image if torch.is_tensor(image) else TF.pil_to_tensor(image)
-        size, sigma, channels = self.kernel_size[0], params["sigma"][0], pixels.shape[-3]
-        offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-        weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        weights = weights / weights.sum()  # (k,)
-        x = F.pad(pixels.reshape(-1, *pixels.shape[-3:]).float(), [size // 2] * 4, mode="reflect")  # (n, C, H+k-1, W+k-1)
-        x = F.conv2d(x, weights.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)  # along rows
-        x = F.conv2d(x, weights.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)  # along columns
-        if not pixels.is_floating_point():
-            x = x.round_().clamp_(0, 255)
-        x = x.to(pixels.dtype).reshape(pixels.shape)
-        return x if torch.is_tensor(image) else TF.to_pil_image(x)
-
-
 class PQCLAugmentation:
     """PIL image (or uint8 tensor (3, H, W)) -> dict of one sample's views.
 
@@ -273,11 +259,13 @@ class PQCLAugmentation:
     masks      (V, G, G)      iBOT block masks for the student's global views (all False if unused)
     global_boxes (V, 4), query_boxes (Q, 4), global_flips (V,), query_flips (Q,): the geometry used
     Randomness comes from torch's global generator (seed it per sample for reproducible data).
+    `blur` is the Gaussian blur's class: T.GaussianBlur or a faster one with its interface.
     """
 
     def __init__(self, global_size=224, query_size=96, patch_size=16, num_queries=1,
                  global_scale=(0.25, 1.0), query_scale=(0.05, 0.25), mask_ratios=(0.0, 0.3),
-                 mask_ratio_vars=(0.0, 0.2), mask_aspect=(0.3, 1 / 0.3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mask_ratio_vars=(0.0, 0.2), mask_aspect=(0.3, 1 / 0.3), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 blur=T.GaussianBlur):
         if global_size % patch_size or query_size % patch_size:
             raise ValueError(f"img_size/query_size: {global_size}/{query_size} must be multiples of patch_size {patch_size}")
         if num_queries < 0:
@@ -287,23 +275,23 @@ class PQCLAugmentation:
         self.mask_ratios, self.mask_ratio_vars, self.mask_aspect = mask_ratios, mask_ratio_vars, mask_aspect
         colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
 
-        def blur(size, p):  # BYOL: kernel 10% of the side, sigma 0.1-2.0 px at 224 px, scaled with the side
-            return T.RandomApply([SeparableGaussianBlur(2 * round(0.05 * size) + 1, (0.1 * size / 224, 2.0 * size / 224))],
+        def random_blur(size, p):  # BYOL: kernel 10% of the side, sigma 0.1-2.0 px at 224 px, scaled with the side
+            return T.RandomApply([blur(2 * round(0.05 * size) + 1, (0.1 * size / 224, 2.0 * size / 224))],
                                  p=p)
 
         finish = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
         self.global_pixels = [
-            T.Compose([*colour, blur(global_size, 1.0), *finish]),
-            T.Compose([*colour, blur(global_size, 0.1), T.RandomSolarize(128, p=0.2), *finish]),
+            T.Compose([*colour, random_blur(global_size, 1.0), *finish]),
+            T.Compose([*colour, random_blur(global_size, 0.1), T.RandomSolarize(128, p=0.2), *finish]),
         ]
-        self.query_pixels = T.Compose([*colour, blur(query_size, 0.5), *finish])
+        self.query_pixels = T.Compose([*colour, random_blur(query_size, 0.5), *finish])
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, **kwargs):
         return cls(cfg.img_size, cfg.query_size, cfg.patch_size, cfg.num_queries if cfg.use_queries else 0,
                    cfg.global_scale, cfg.query_scale,
                    cfg.mask_ratios if cfg.framework == "ibot" else (0.0,),
-                   cfg.mask_ratio_vars if cfg.framework == "ibot" else (0.0,), cfg.mask_aspect)
+                   cfg.mask_ratio_vars if cfg.framework == "ibot" else (0.0,), cfg.mask_aspect, **kwargs)
 
     @staticmethod
     def crop(image, box, size, flip):

@@ -35,6 +35,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import bench
+import checkpoints
+import compare
+import data
 import evaluate
 import pqcl
 import train_ddp
@@ -1062,7 +1065,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_images, tmp_path):
 def test_atomic_save_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
     """A save that dies midway leaves the previous checkpoint byte for byte."""
     path = str(tmp_path / "checkpoint.pth")
-    train_ddp.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_atomic({"step": 1, "w": torch.ones(3)}, path)
     before = open(path, "rb").read()
 
     def dies_midway(obj, f):
@@ -1071,7 +1074,7 @@ def test_atomic_save_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError):
-        train_ddp.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+        checkpoints.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     assert open(path, "rb").read() == before
     assert torch.load(path, weights_only=True)["step"] == 1
 
@@ -1100,8 +1103,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_images, tm
 def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capsys):
     """Unreadable files inside the dataset are replaced by readable ones, counted in the log and
     reported; training goes on."""
-    data = image_folder(tmp_path / "data", num_images=8, corrupt=2)
-    status = train_ddp.main([*TINY_RUN, "--data", data, "--batch-size", "10", "--max-steps", "2",
+    folder = image_folder(tmp_path / "data", num_images=8, corrupt=2)
+    status = train_ddp.main([*TINY_RUN, "--data", folder, "--batch-size", "10", "--max-steps", "2",
                              "--output-dir", str(tmp_path / "run")])
     assert status == 0
     captured = capsys.readouterr()
@@ -1176,12 +1179,12 @@ def test_default_run_shortened_end_to_end(tmp_path, capsys):
 def test_resumable_sampler_deals_whole_global_batches():
     """Ranks get disjoint samples whose union per step is the single-process batch, and a
     sampler started at step k yields exactly the tail of the full order."""
-    full = list(train_ddp.ResumableSampler(50, 4, seed=3))
-    ranks = [list(train_ddp.ResumableSampler(50, 2, seed=3, rank=r, world_size=2)) for r in range(2)]
+    full = list(data.ResumableSampler(50, 4, seed=3))
+    ranks = [list(data.ResumableSampler(50, 2, seed=3, rank=r, world_size=2)) for r in range(2)]
     for step in range(len(full) // 4):
         assert sorted(full[4 * step: 4 * step + 4]) == sorted(ranks[0][2 * step: 2 * step + 2] + ranks[1][2 * step: 2 * step + 2])
-    later = train_ddp.ResumableSampler(50, 4, seed=3)
-    later.start_step = 5
+    later = data.ResumableSampler(50, 4, seed=3)
+    later.set_position(0, 5)
     assert list(later) == full[20:] and len(later) == len(full) - 20
 
 
@@ -1226,15 +1229,15 @@ def test_knn_weighting_changes_the_vote():
 
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_knn_matches_brute_force_in_chunks(k):
-    """train_ddp.knn_top1, chunked over the test set (chunk 7), predicts exactly as the loop: test
+    """evaluate.knn_top1, chunked over the test set (chunk 7), predicts exactly as the loop: test
     labels set to the loop's predictions score 100%, shifted by one class 0%."""
     gen = torch.Generator().manual_seed(k)
     train, test = torch.randn(60, 8, generator=gen), torch.randn(23, 8, generator=gen)
     train_labels = torch.randint(4, (60,), generator=gen)
     reference = brute_force_knn(train, train_labels, test, k, 0.07)
     train, test = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
-    assert train_ddp.knn_top1(train, train_labels, test, reference, k, 0.07, chunk=7) == 100.0
-    assert train_ddp.knn_top1(train, train_labels, test, (reference + 1) % 4, k, 0.07, chunk=7) == 0.0
+    assert evaluate.knn_top1(train, train_labels, test, reference, k, 0.07, chunk=7) == 100.0
+    assert evaluate.knn_top1(train, train_labels, test, (reference + 1) % 4, k, 0.07, chunk=7) == 0.0
 
 
 def test_segmentation_scores_by_hand():
@@ -1323,43 +1326,43 @@ def test_dense_probe_recovers_a_patch_aligned_map():
     assert scores["dense_pixel_acc"] >= 99.0 and scores["dense_miou"] >= 98.0, scores
 
 
-FASHION_MNIST_INSTALLED = os.path.exists(os.path.join(train_ddp.FASHION_MNIST, "train-images-idx3-ubyte.gz"))
+FASHION_MNIST_INSTALLED = os.path.exists(os.path.join(data.FASHION_MNIST, "train-images-idx3-ubyte.gz"))
 
 
-def run_evaluate(argv, capsys):
-    """evaluate.main in this process -> (exit status, stderr lines)."""
-    status = evaluate.main(argv)
+def run_main(main, argv, capsys):
+    """A command's main (evaluate.main, compare.main) in this process -> (exit status, stderr lines)."""
+    status = main(argv)
     return status, capsys.readouterr().err.splitlines()
 
 
 def fashion_mnist_missing(tmp_path):
-    return mock.patch.dict(train_ddp.BUILTIN_DATASETS,
-                           {"fashion-mnist": functools.partial(train_ddp.fashion_mnist_splits, root=str(tmp_path))})
+    return mock.patch.dict(data.BUILTIN_DATASETS,
+                           {"fashion-mnist": functools.partial(data.fashion_mnist_splits, root=str(tmp_path))})
 
 
-@pytest.mark.parametrize("argv,says", [
-    (["knn", "no/such/checkpoint.pth"], "no/such/checkpoint.pth: no such file"),
-    (["linear", "pixels", "--data", "imagenet"], "invalid choice"),
-    (["knn", "pixels", "--train-images", "5"], "--train-images 5"),
-    (["knn", "pixels", "--", "--depth", "1"], "only the benchmark"),
-    (["benchmark", "--steps", "0"], "--steps 0"),
-    (["benchmark", "--seeds", "1", "1"], "repeated"),
-    (["benchmark", "--", "--framework", "dino"], "--framework"),
-    (["benchmark", "--", "--no-such-flag"], "unrecognized arguments"),
+@pytest.mark.parametrize("main,argv,says", [
+    (evaluate.main, ["knn", "no/such/checkpoint.pth"], "no/such/checkpoint.pth: no such file"),
+    (evaluate.main, ["linear", "pixels", "--data", "imagenet"], "invalid choice"),
+    (evaluate.main, ["knn", "pixels", "--train-images", "5"], "--train-images 5"),
+    (evaluate.main, ["knn", "pixels", "--", "--depth", "1"], "unrecognized arguments"),
+    (compare.main, ["--steps", "0"], "--steps 0"),
+    (compare.main, ["--seeds", "1", "1"], "repeated"),
+    (compare.main, ["--", "--framework", "dino"], "--framework"),
+    (compare.main, ["--", "--no-such-flag"], "unrecognized arguments"),
 ])
-def test_evaluate_bad_input_is_one_line_exit_2(argv, says, capsys):
-    status, err = run_evaluate(argv, capsys)
+def test_evaluate_bad_input_is_one_line_exit_2(main, argv, says, capsys):
+    status, err = run_main(main, argv, capsys)
     assert status == 2 and len(err) == 1 and says in err[0], err
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
-    """Every command that needs Fashion-MNIST exits 2 with the apt-get hint; the benchmark before
+    """Every command that needs Fashion-MNIST exits 2 with the apt-get hint; the comparison before
     it writes anything."""
     out = tmp_path / "results"
     with fashion_mnist_missing(tmp_path):
-        for argv in (["knn", "pixels", "--data", "fashion-mnist"],
-                     ["benchmark", "--datasets", "fashion-mnist", "--out", str(out)]):
-            status, err = run_evaluate(argv, capsys)
+        for main, argv in ((evaluate.main, ["knn", "pixels", "--data", "fashion-mnist"]),
+                           (compare.main, ["--datasets", "fashion-mnist", "--out", str(out)])):
+            status, err = run_main(main, argv, capsys)
             assert status == 2 and len(err) == 1 and "apt-get install -y dataset-fashion-mnist" in err[0], err
     assert not out.exists()
 
@@ -1368,15 +1371,15 @@ def test_dense_needs_label_maps(capsys):
     """Only the embedded set has label maps: dense on another set is a one-line error."""
     images = torch.zeros(24, 3, 32, 32, dtype=torch.uint8)
     no_maps = (images, torch.arange(24) % 2, None)
-    with mock.patch.dict(train_ddp.BUILTIN_DATASETS, {"fashion-mnist": lambda seed, size: (no_maps, no_maps)}):
-        status, err = run_evaluate(["dense", "pixels", "--data", "fashion-mnist"], capsys)
+    with mock.patch.dict(data.BUILTIN_DATASETS, {"fashion-mnist": lambda seed, size: (no_maps, no_maps)}):
+        status, err = run_main(evaluate.main, ["dense", "pixels", "--data", "fashion-mnist"], capsys)
     assert status == 2 and len(err) == 1 and "label maps" in err[0], err
 
 
 @contextlib.contextmanager
 def small_embedded():
     """The embedded set cut to 128 training and 48 test images (generated in a fraction of a second)."""
-    with mock.patch.multiple(train_ddp, EMBEDDED_TRAIN=128, EMBEDDED_TEST=48):
+    with mock.patch.multiple(data, EMBEDDED_TRAIN=128, EMBEDDED_TEST=48):
         yield
 
 
@@ -1391,10 +1394,10 @@ BENCHMARK_DATASETS = ["embedded"] + (["fashion-mnist"] if FASHION_MNIST_INSTALLE
 def tiny_benchmark(tmp_path_factory):
     """The benchmark command, shortened: every method, one seed, 2 steps, both datasets if installed."""
     out = str(tmp_path_factory.mktemp("benchmark"))
-    argv = ["benchmark", "--out", out, "--datasets", *BENCHMARK_DATASETS, *TINY_BENCHMARK]
+    argv = ["--out", out, "--datasets", *BENCHMARK_DATASETS, *TINY_BENCHMARK]
     with small_embedded():
-        assert evaluate.main(argv) == 0
-    with open(os.path.join(out, "benchmark.json")) as f:
+        assert compare.main(argv) == 0
+    with open(os.path.join(out, "comparison.json")) as f:
         return out, argv, json.load(f)
 
 
@@ -1403,29 +1406,29 @@ def read_json(*parts):
         return json.load(f)
 
 
-def check_benchmark_rows(out, report, data):
-    rows = report["results"][data]
-    assert list(rows) == [*evaluate.METHODS, *evaluate.BASELINES]
-    has_maps = data == "embedded"
+def check_benchmark_rows(out, report, dataset):
+    rows = report["results"][dataset]
+    assert list(rows) == [*compare.METHODS, *compare.BASELINES]
+    has_maps = dataset == "embedded"
     for row, metrics in rows.items():
         expected = {"knn_top1_k10", "knn_top1_k20", "linear_top1"}
         expected |= {"dense_miou", "dense_pixel_acc"} if has_maps else set()
         expected |= {"linear_top1_cls_avgpool"} if row != "raw pixels" else set()
-        expected |= {"images_per_s"} if row in evaluate.METHODS else set()
+        expected |= {"images_per_s"} if row in compare.METHODS else set()
         assert set(metrics) == expected, (row, set(metrics) ^ expected)
         for metric, stats in metrics.items():
             assert len(stats["values"]) == 1 and stats["std"] is None
             assert stats["mean"] >= 0 and (metric == "images_per_s" or stats["mean"] <= 100)
     configs = []
-    for row in evaluate.METHODS:  # equal budget: the same steps and architecture, only the method differs
-        checkpoint = torch.load(os.path.join(evaluate.run_folder(out, data, row, 0), "checkpoint.pth"),
+    for row in compare.METHODS:  # equal budget: the same steps and architecture, only the method differs
+        checkpoint = torch.load(os.path.join(compare.run_folder(out, dataset, row, 0), "checkpoint.pth"),
                                 weights_only=True)
         assert checkpoint["step"] == 2
         configs.append({k: v for k, v in checkpoint["config"].items() if k not in ("framework", "query_weight")})
     assert all(config == configs[0] for config in configs)
-    with open(os.path.join(out, "benchmark.md")) as f:
+    with open(os.path.join(out, "comparison.md")) as f:
         table = f.read()
-    assert f"**{data}**" in table and all(f"| {row} |" in table for row in rows)
+    assert f"**{dataset}**" in table and all(f"| {row} |" in table for row in rows)
 
 
 def test_tiny_benchmark_embedded(tiny_benchmark):
@@ -1444,19 +1447,20 @@ def test_benchmark_resumes(tiny_benchmark, capsys):
     """Rerunning skips finished runs; a run that lost its export and evaluation resumes from its
     checkpoint and scores the same; other settings in the same folder are refused."""
     out, argv, report = tiny_benchmark
-    run_dir = evaluate.run_folder(out, "embedded", "PQCL-iBOT", 0)
+    run_dir = compare.run_folder(out, "embedded", "PQCL-iBOT", 0)
     before = read_json(run_dir, "evaluation.json")
     os.remove(os.path.join(run_dir, "evaluation.json"))
     os.remove(os.path.join(run_dir, "backbone.pth"))
     with small_embedded():
-        assert evaluate.main(argv) == 0
+        assert compare.main(argv) == 0
     printed = capsys.readouterr().out
     assert sum(line.endswith(": done before") for line in printed.splitlines()) == len(BENCHMARK_DATASETS) * 6 - 1
     after = read_json(run_dir, "evaluation.json")
-    assert {k: after[k] for k in evaluate.COLUMNS if k != "images_per_s"} == \
-           {k: before[k] for k in evaluate.COLUMNS if k != "images_per_s"}
-    assert read_json(out, "benchmark.json")["results"]["embedded"]["DINO"] == report["results"]["embedded"]["DINO"]
-    status, err = run_evaluate([*argv[:argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2:]], capsys)
+    assert {k: after[k] for k in compare.COLUMNS if k != "images_per_s"} == \
+           {k: before[k] for k in compare.COLUMNS if k != "images_per_s"}
+    assert read_json(out, "comparison.json")["results"]["embedded"]["DINO"] == report["results"]["embedded"]["DINO"]
+    status, err = run_main(compare.main, [*argv[:argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2:]],
+                           capsys)
     assert status == 2 and "other settings (steps)" in err[0], err
 
 
@@ -1464,7 +1468,7 @@ def test_cli_on_benchmark_checkpoints_matches_benchmark(tiny_benchmark, tmp_path
     """`evaluate.py all` on a run's checkpoint.pth and on its exported backbone.pth (same seed)
     reproduces the benchmark's numbers."""
     out, _, _ = tiny_benchmark
-    run_dir = evaluate.run_folder(out, "embedded", "iBOT", 0)
+    run_dir = compare.run_folder(out, "embedded", "iBOT", 0)
     expected = read_json(run_dir, "evaluation.json")
     sizes = ["--train-images", "96", "--test-images", "48"]
     with small_embedded():
@@ -1521,7 +1525,7 @@ def test_bench_quick_run_writes_finite_positive_figures(tmp_path):
 
 @pytest.mark.parametrize("size", [224, 96, 32])
 def test_separable_blur_is_torchvision_blur(size):
-    """pqcl.SeparableGaussianBlur (two 1-D passes) = T.GaussianBlur with the same seed: one
+    """data.SeparableGaussianBlur (two 1-D passes) = T.GaussianBlur with the same seed: one
     grey level at most on uint8 images, float rounding on float tensors."""
     kernel, sigma = 2 * round(0.05 * size) + 1, (0.1 * size / 224, 2.0 * size / 224)
     gen = torch.Generator().manual_seed(size)
@@ -1530,6 +1534,6 @@ def test_separable_blur_is_torchvision_blur(size):
         torch.manual_seed(0)
         expected = T.GaussianBlur(kernel, sigma)(image)
         torch.manual_seed(0)
-        blurred = pqcl.SeparableGaussianBlur(kernel, sigma)(image)
+        blurred = data.SeparableGaussianBlur(kernel, sigma)(image)
         assert blurred.dtype == image.dtype and blurred.shape == image.shape
         assert (blurred.float() - expected.float()).abs().max() <= tolerance

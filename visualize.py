@@ -28,7 +28,7 @@ each as the networks see it (cropped, resized, flipped, colour-jittered; unmaske
   agreement rate is printed in the picture and on stdout.
 
 Without --checkpoint the model is the random initialisation of the embedded preset that
-training starts from (train_ddp.EMBEDDED, seeded by its Config.seed); without --image the
+training starts from (data.EMBEDDED, seeded by its Config.seed); without --image the
 pictures show images of the embedded dataset's held-out split (its native 32 px).
 --seed fixes the random views. Only the first query crop is drawn.
 """
@@ -44,8 +44,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
+import checkpoints
+import data
 import pqcl
-import train_ddp
+from data import UsageError
 
 FOOTPRINT = (0, 230, 255)  # cyan: the query crop's footprint in a global view
 MARK = (60, 255, 60)  # green: the query patch whose attention a panel shows
@@ -300,12 +302,12 @@ def render(model, image, seed=0, description="", image_name=""):
     """One image (PIL or uint8 tensor (3, H, W)) -> (picture uint8 (3, H, W) of Layout's
     size, agreement {"A", "B", "mean"}: fraction of the query patches whose student
     prototype from that view equals the teacher's). The views come from
-    PQCLAugmentation.from_config(model.cfg), seeded with `seed`."""
+    data.augmentation(model.cfg), seeded with `seed`."""
     cfg = model.cfg
-    augment = pqcl.PQCLAugmentation.from_config(cfg)
+    augment = data.augmentation(cfg)
     if augment.num_queries == 0:
-        raise train_ddp.UsageError("this model was trained without query crops (query_weight 0): "
-                                   "it has no query tokens to picture")
+        raise UsageError("this model was trained without query crops (query_weight 0): "
+                         "it has no query tokens to picture")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sample = augment(image)
@@ -377,21 +379,13 @@ def load_model(checkpoint_path=None):
     """-> (PQCL in eval mode, one-line description). No path: the embedded preset's random
     initialisation, the one training starts from."""
     if checkpoint_path is None:
-        cfg = pqcl.Config(**train_ddp.EMBEDDED)
+        cfg = data.preset_config("embedded")
         torch.manual_seed(cfg.seed)
         return pqcl.PQCL(cfg).eval(), f"random init, embedded preset ({cfg.arch}, {cfg.depth} blocks)"
     if not os.path.isfile(checkpoint_path):
-        raise train_ddp.UsageError(f"--checkpoint {checkpoint_path}: no such file; pass the checkpoint.pth that "
-                                   "train_ddp.py wrote, or omit --checkpoint for a random init")
-    checkpoint = train_ddp.load_checkpoint(checkpoint_path)
-    if not {"student", "teacher", "config"} <= set(checkpoint):
-        raise train_ddp.UsageError(f"--checkpoint {checkpoint_path}: holds no student and teacher (an exported "
-                                   "backbone?); pass the checkpoint.pth that train_ddp.py wrote")
-    model = pqcl.PQCL(pqcl.Config(**checkpoint["config"]))
-    model.student.load_state_dict(checkpoint["student"])
-    model.teacher.load_state_dict(checkpoint["teacher"])
-    for name, center in checkpoint.get("centers", {}).items():
-        getattr(model, name).copy_(center)
+        raise UsageError(f"--checkpoint {checkpoint_path}: no such file; pass the checkpoint.pth that "
+                         "train_ddp.py wrote, or omit --checkpoint for a random init")
+    model, checkpoint = checkpoints.model_from_checkpoint(checkpoint_path)
     cfg = model.cfg
     return model.eval(), (f"{checkpoint_path}, step {checkpoint.get('step', '?')} ({cfg.arch}, "
                           f"{len(model.student.backbone.blocks)} blocks)")
@@ -399,7 +393,7 @@ def load_model(checkpoint_path=None):
 
 def load_images(paths, indices, seed):
     """-> [(name, image)]: files as PIL RGB images (as training reads them), else the given
-    images of the embedded dataset's held-out split (train_ddp.embedded_splits' test part)."""
+    images of the embedded dataset's held-out split (data.embedded_splits' test part)."""
     if paths:
         images = []
         for path in paths:
@@ -407,17 +401,17 @@ def load_images(paths, indices, seed):
                 with Image.open(path) as image:
                     images.append((os.path.splitext(os.path.basename(path))[0], image.convert("RGB")))
             except OSError as error:
-                raise train_ddp.UsageError(f"--image {path}: not a readable image ({error})") from None
+                raise UsageError(f"--image {path}: not a readable image ({error})") from None
         return images
-    if not all(0 <= i < train_ddp.EMBEDDED_TEST for i in indices):
-        raise train_ddp.UsageError(f"--index: the held-out split has images 0 to {train_ddp.EMBEDDED_TEST - 1}")
-    held_out = train_ddp.embedded_test_split(seed, 32)
-    shape_names = list(train_ddp.SHAPES)
+    if not all(0 <= i < data.EMBEDDED_TEST for i in indices):
+        raise UsageError(f"--index: the held-out split has images 0 to {data.EMBEDDED_TEST - 1}")
+    held_out = data.embedded_test_split(seed, 32)
+    shape_names = list(data.SHAPES)
     return [(f"embedded-test-{i}-{shape_names[held_out[1][i]]}", held_out[0][i]) for i in indices]
 
 
 def build_parser():
-    parser = train_ddp.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoint.pth of train_ddp.py (default: a random init of the "
                                              "embedded preset)")
     parser.add_argument("--image", nargs="+", metavar="PATH", help="image files, one picture each (default: "
@@ -442,7 +436,7 @@ def main(argv=None):
             print(f"wrote {path}: student/teacher prototype agreement view A {agreement['A']:.0%}, "
                   f"view B {agreement['B']:.0%}, mean {agreement['mean']:.0%}")
         return 0
-    except train_ddp.UsageError as error:
+    except UsageError as error:
         print(f"visualize.py: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,273 @@
+"""The equal-budget comparison of PQCL against its baselines: pretrain, then probe, every row.
+
+    python compare.py --seeds 0 1 2 --out results/    # the table: ~1 h on 2 CPU cores
+    python compare.py --seeds 0 --steps 3 --out /tmp/smoke -- --batch-size 16   # a smoke test
+
+DINO, iBOT, PQCL-DINO and PQCL-iBOT (train_ddp.py --framework dino|ibot --query-weight 0|1)
+with the same architecture, schedules and budget (each built-in set's preset, data.PRESETS,
+read at run time), per seed the same data order and views, on the embedded dataset and
+Fashion-MNIST; then every protocol of evaluate.py on each teacher, a random init and the raw
+pixels. The budget is --steps optimizer steps per run: the preset's epochs over the first
+steps/epochs batches of the training split, so every schedule (warm-ups, cosine decays) runs
+to its end. Runs are resumable: rerun the same command and finished pretrainings and
+evaluations are skipped, an interrupted pretraining continues from its last checkpoint.
+Arguments after `--` go to every pretraining run (e.g. `-- --batch-size 16`).
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import checkpoints
+import data
+import evaluate
+import pqcl
+import train_ddp
+from data import UsageError
+
+METHODS = {  # row -> train_ddp.py flags; everything else is shared
+    "DINO": ["--framework", "dino", "--query-weight", "0"],
+    "iBOT": ["--framework", "ibot", "--query-weight", "0"],
+    "PQCL-DINO": ["--framework", "dino", "--query-weight", "1"],
+    "PQCL-iBOT": ["--framework", "ibot", "--query-weight", "1"],
+}
+BASELINES = ("random init", "raw pixels")
+COLUMNS = {**evaluate.METRICS, "images_per_s": "pretrain img/s"}  # metric -> table header
+COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "subset", "output_dir", "resume", "max_steps",
+                 "eval", "export")  # train_ddp.py settings the comparison sets itself
+
+
+class PretrainingStopped(Exception):
+    """A pretraining run failed or was stopped; carries train_ddp.py's exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+def run_folder(out, dataset, row, seed):
+    return os.path.join(out, dataset, row.lower().replace(" ", "-"), f"seed{seed}")
+
+
+def pretrain(run_dir, dataset, seed, method_flags, subset, train_args):
+    """One pretraining run of train_ddp.py in this process; continues an interrupted one."""
+    argv = [*train_args, "--data", dataset, "--seed", str(seed), *method_flags, "--subset", str(subset),
+            "--output-dir", run_dir, "--no-eval", "--log-every", "10"]
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pth")):
+        argv.append("--resume")
+    status = train_ddp.main(argv)  # on SIGTERM it checkpoints, returns 0 and leaves no backbone.pth
+    if status != 0:
+        raise PretrainingStopped(f"pretraining {run_dir} failed (train_ddp.py exit {status}, reason above); "
+                                 "fix it and rerun the same command to resume", status)
+    if not os.path.exists(os.path.join(run_dir, "backbone.pth")):
+        raise PretrainingStopped(f"pretraining {run_dir} was stopped; rerun the same command to resume", 1)
+
+
+def row_backbone(row, run_dir, dataset, seed, cfg, subset, train_args, result):
+    """The frozen backbone of one table row (None: raw pixels), pretrained first if it is a method
+    whose run has not finished; records the run's throughput and config in `result`."""
+    if row == "raw pixels":
+        return None
+    if row == "random init":
+        return evaluate.random_backbone(dataclasses.replace(cfg, seed=seed))
+    if not os.path.exists(os.path.join(run_dir, "backbone.pth")):
+        start = time.perf_counter()
+        pretrain(run_dir, dataset, seed, METHODS[row], subset, train_args)
+        result["pretrain_s"] = time.perf_counter() - start  # this invocation's part of it
+    result["images_per_s"] = median_images_per_s(run_dir)
+    backbone, run_cfg = checkpoints.backbone_from_checkpoint(os.path.join(run_dir, "checkpoint.pth"))
+    result["config"] = dataclasses.asdict(run_cfg)
+    return backbone
+
+
+def median_images_per_s(run_dir):
+    """Pretraining throughput: the median over log.jsonl's intervals (robust to warm-up and resumes)."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return statistics.median(json.loads(line)["images_per_s"] for line in f)
+
+
+def mean_std(values):
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def summarize(results):
+    """{row: [evaluation per seed]} -> {row: {metric: {mean, std (sample, over seeds), values}}}."""
+    return {row: {metric: mean_std([run[metric] for run in runs]) for metric in COLUMNS if metric in runs[0]}
+            for row, runs in results.items()}
+
+
+def markdown_table(summary):
+    """One dataset's summary -> a markdown table, mean +- std over seeds."""
+    columns = [metric for metric in COLUMNS if any(metric in metrics for metrics in summary.values())]
+
+    def cell(stats):
+        if stats is None:
+            return "-"
+        return f"{stats['mean']:.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
+
+    lines = ["| method | " + " | ".join(COLUMNS[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |"
+              for row, metrics in summary.items()]
+    return "\n".join(lines)
+
+
+def check_settings(out, settings):
+    """A results folder holds one budget: refuse to mix runs made with other settings."""
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != settings:
+            changed = ", ".join(k for k in settings if previous.get(k) != settings[k])
+            raise UsageError(f"{out} holds a comparison made with other settings ({changed}); rerun with the same "
+                             "flags to resume it, or pass another --out")
+    else:
+        os.makedirs(out, exist_ok=True)
+        checkpoints.save_atomic_json(settings, path)
+
+
+def compare(args, train_args, command):
+    """Pretrain and evaluate every method, seed and dataset; write comparison.md and comparison.json."""
+    start = time.perf_counter()
+    settings = {"steps": args.steps, "train_args": train_args, "train_images": args.train_images,
+                "test_images": args.test_images}
+    configs = {dataset: preset_config(dataset, args.seeds[0], train_args) for dataset in args.datasets}
+    loaded = {}  # (dataset, seed) -> eval splits; the first seed's now, so a missing dataset fails before hours of work
+    for dataset, cfg in configs.items():
+        splits = data.BUILTIN_DATASETS[dataset](args.seeds[0], cfg.img_size)
+        images_per_epoch = math.ceil(args.steps / cfg.epochs) * cfg.batch_size
+        if images_per_epoch > len(splits[0][0]):
+            raise UsageError(f"--steps {args.steps}: {cfg.epochs} epochs of {images_per_epoch} images exceed the "
+                             f"{len(splits[0][0])} training images of {dataset}; lower --steps or pass more epochs "
+                             "after '--' (-- --epochs E)")
+        loaded[dataset, args.seeds[0]] = evaluate.first(splits, args.train_images, args.test_images)
+    check_settings(args.out, settings)
+    rows = [*METHODS, *BASELINES]
+    total, done, resumed = len(args.datasets) * len(args.seeds) * len(rows), 0, 0
+    results = {dataset: {row: [] for row in rows} for dataset in args.datasets}
+    for dataset in args.datasets:
+        cfg = configs[dataset]
+        steps_per_epoch = math.ceil(args.steps / cfg.epochs)
+        subset = steps_per_epoch * cfg.batch_size  # images per epoch; the preset's epochs run in full
+        for seed in args.seeds:
+            splits = loaded.pop((dataset, seed), None)  # loaded once per (dataset, seed), when first needed
+            for row in rows:
+                done += 1
+                run_dir = run_folder(args.out, dataset, row, seed)
+                result_path = os.path.join(run_dir, "evaluation.json")
+                elapsed = train_ddp.format_duration(time.perf_counter() - start)
+                if os.path.exists(result_path):
+                    with open(result_path) as f:
+                        results[dataset][row].append(json.load(f))
+                    resumed += 1
+                    print(f"[{done}/{total} {elapsed}] {dataset} seed {seed} {row}: done before", flush=True)
+                    continue
+                print(f"[{done}/{total} {elapsed}] {dataset} seed {seed} {row}", flush=True)
+                row_start = time.perf_counter()
+                result = {"row": row, "data": dataset, "seed": seed}
+                backbone = row_backbone(row, run_dir, dataset, seed, cfg, subset, train_args, result)
+                if splits is None:
+                    splits = evaluate.first(data.BUILTIN_DATASETS[dataset](seed, cfg.img_size), args.train_images,
+                                   args.test_images)
+                eval_start = time.perf_counter()
+                result.update(evaluate.evaluate(backbone, cfg.patch_size, splits, evaluate.all_protocols(splits), seed))
+                result.update(eval_s=time.perf_counter() - eval_start, train_images=len(splits[0][0]),
+                              test_images=len(splits[1][0]))
+                os.makedirs(run_dir, exist_ok=True)
+                checkpoints.save_atomic_json(result, result_path)
+                results[dataset][row].append(result)
+                print(f"    {', '.join(f'{k} {result[k]:.1f}' for k in COLUMNS if k in result)} "
+                      f"({train_ddp.format_duration(time.perf_counter() - row_start)})", flush=True)
+    report = {"command": command, "date": datetime.date.today().isoformat(), "seeds": args.seeds,
+              "settings": settings, "wall_s": time.perf_counter() - start, "rows_done_before": resumed,
+              "rows_s": sum(run.get("pretrain_s", 0.0) + run["eval_s"]  # every invocation's pretraining + evaluation
+                            for rows in results.values() for runs in rows.values() for run in runs),
+              "configs": {dataset: dataclasses.asdict(cfg) for dataset, cfg in configs.items()},
+              "results": {dataset: summarize(results[dataset]) for dataset in args.datasets}}
+    write_report(report, args.out)
+    return report
+
+
+def write_report(report, out):
+    """comparison.json, and comparison.md: the budget, then one table per dataset."""
+    checkpoints.save_atomic_json(report, os.path.join(out, "comparison.json"))
+    cfg = pqcl.Config(**next(iter(report["configs"].values())))
+    steps_per_epoch = math.ceil(report["settings"]["steps"] / cfg.epochs)
+    lines = [f"Equal-budget comparison, {report['date']}: `{report['command']}`", "",
+             f"{cfg.arch} depth {cfg.depth or pqcl.ARCHS[cfg.arch][1]}, patch {cfg.patch_size}, {cfg.img_size} px; "
+             f"per run {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.batch_size} "
+             f"({cfg.epochs * steps_per_epoch * cfg.batch_size} images seen); mean ± sample std over seeds "
+             f"{', '.join(map(str, report['seeds']))}. Pretraining + evaluation of all rows took "
+             f"{train_ddp.format_duration(report['rows_s'])}; this invocation "
+             f"{train_ddp.format_duration(report['wall_s'])}"
+             + (f" ({report['rows_done_before']} rows evaluated before)" if report["rows_done_before"] else "") + "."]
+    for dataset, summary in report["results"].items():
+        lines += ["", f"**{dataset}**", "", markdown_table(summary)]
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def preset_config(dataset, seed, train_args):
+    """The pqcl.Config that `train_ddp.py --data <dataset> --seed <seed> <train_args>` uses."""
+    return train_ddp.config_from_args(train_ddp.build_parser().parse_args([*train_args, "--data", dataset,
+                                                                           "--seed", str(seed)]))
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_split_sizes(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(data.BUILTIN_DATASETS),
+                        default=["embedded", "fashion-mnist"])
+    parser.add_argument("--steps", type=int, default=128,
+                        help="optimizer steps per pretraining run (same for every method): the preset's epochs over "
+                             "the first ceil(steps / epochs) batches of the training split; at 128 the 36-row table "
+                             "took 62 minutes on 2 CPU cores")
+    parser.add_argument("--out", default="results", help="folder for the runs, comparison.md and comparison.json")
+    return parser
+
+
+def check_args(args, train_args):
+    evaluate.check_split_sizes(args)
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be >= 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated; give each once")
+    parser = train_ddp.build_parser()
+    given, defaults = parser.parse_args(train_args), parser.parse_args([])
+    clash = ["--" + name.replace("_", "-") for name in COMPARE_FLAGS if getattr(given, name) != getattr(defaults, name)]
+    if clash:
+        raise UsageError(f"{', '.join(clash)} after '--': the comparison sets these itself; use its own flags")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own_args, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    try:
+        args = build_parser().parse_args(own_args)
+        check_args(args, train_args)
+        compare(args, train_args, "python compare.py " + shlex.join(argv))
+        return 0
+    except UsageError as error:
+        print(f"compare.py: error: {error}", file=sys.stderr)
+        return 2
+    except PretrainingStopped as error:
+        print(f"compare.py: {error}", file=sys.stderr)
+        return error.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
