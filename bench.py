@@ -199,7 +199,9 @@ class NaivePQCL(pqcl.PQCL):
             if isinstance(module, pqcl.Attention):
                 module.__class__ = NaiveAttention
 
-    def forward(self, batch, teacher_temp=None):
+    def forward(self, batch, teacher_temp=None, monitor=False):
+        if monitor:
+            raise ValueError("the naive reference times steps without the collapse monitors")
         cfg = self.cfg
         teacher_temp = cfg.teacher_temp if teacher_temp is None else teacher_temp
         B, V = batch["globals"].shape[:2]

@@ -69,6 +69,12 @@ class Config:
     query_size: int = knob(96, "s; 96 px = 6 x 6 query patches at P = 16 (paper Sec. 4.4)")
     query_scale: tuple = knob((0.05, 0.25), "area range of query crops; Table 4: insensitive to it")
     num_queries: int = knob(1, "Q query crops per image; the authors use 1")
+    local_crops_number: int = knob(0, "N local crops through the student only, [CLS] only (DINO multi-crop); "
+                                      "the authors' PQCL recipe uses none")
+    local_crops_size: int = knob(96, "local crop side in pixels (DINO: 96 at 224)")
+    local_crops_scale: tuple = knob((0.05, 0.4), "area range of the local crops (DINO)")
+    query_as_local: bool = knob(False, "the paper's fair baseline (Sec. 4.4): the query crops, with pixels, "
+                                       "also go through the student as local crops (L_local-global)")
     # objective
     framework: str = knob("ibot", "'ibot' adds the masked-patch term of Eq. 2, 'dino' has [CLS] only")
     query_weight: float = knob(1.0, "lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline")
@@ -116,7 +122,11 @@ class Config:
              f"{self.img_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
         need(self.query_size % self.patch_size == 0, "query_size",
              f"{self.query_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
-        for name in ("global_scale", "query_scale"):
+        need(self.local_crops_number == 0 or self.local_crops_size % self.patch_size == 0, "local_crops_size",
+             f"{self.local_crops_size} is not a multiple of patch_size {self.patch_size}; pick a multiple")
+        need(self.local_crops_number >= 0, "local_crops_number", "must be >= 0")
+        need(not self.query_as_local or self.num_queries > 0, "query_as_local", "needs num_queries >= 1")
+        for name in ("global_scale", "query_scale", "local_crops_scale"):
             lo, hi = getattr(self, name)
             need(0 < lo <= hi <= 1, name, f"{(lo, hi)} must satisfy 0 < min <= max <= 1")
         need(self.num_queries >= 0, "num_queries", "must be >= 0")
@@ -141,6 +151,11 @@ class Config:
     def use_queries(self):
         """The query branch runs only when it is weighted (Eq. 9, lambda > 0)."""
         return self.query_weight > 0
+
+    @property
+    def draws_queries(self):
+        """Query crops are cut when the query branch or the local-crop baseline uses them."""
+        return self.use_queries or self.query_as_local
 
 
 # --------------------------------------------------------------------------------------
@@ -255,24 +270,28 @@ class PQCLAugmentation:
 
     globals    (V, 3, S, S)   view 1: blur p=1.0; view 2: blur p=0.1, solarize p=0.2 (BYOL)
     queries    (Q, 3, s, s)   DINO's local-crop recipe (flip, colour, blur p=0.5)
+    locals     (N, 3, s', s') multi-crop local views, the same recipe (student only)
     query_pos  (V, Q, L, 2)   relative_positions of each query crop in each global view, row-major
     masks      (V, G, G)      iBOT block masks for the student's global views (all False if unused)
-    global_boxes (V, 4), query_boxes (Q, 4), global_flips (V,), query_flips (Q,): the geometry used
+    global_boxes (V, 4), query_boxes (Q, 4), local_boxes (N, 4), global_flips (V,), query_flips (Q,),
+    local_flips (N,): the geometry used
     Randomness comes from torch's global generator (seed it per sample for reproducible data).
     `blur` is the Gaussian blur's class: T.GaussianBlur or a faster one with its interface.
     """
 
     def __init__(self, global_size=224, query_size=96, patch_size=16, num_queries=1,
                  global_scale=(0.25, 1.0), query_scale=(0.05, 0.25), mask_ratios=(0.0, 0.3),
-                 mask_ratio_vars=(0.0, 0.2), mask_aspect=(0.3, 1 / 0.3), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 blur=T.GaussianBlur):
-        if global_size % patch_size or query_size % patch_size:
-            raise ValueError(f"img_size/query_size: {global_size}/{query_size} must be multiples of patch_size {patch_size}")
+                 mask_ratio_vars=(0.0, 0.2), mask_aspect=(0.3, 1 / 0.3), num_locals=0, local_size=96,
+                 local_scale=(0.05, 0.4), mean=IMAGENET_MEAN, std=IMAGENET_STD, blur=T.GaussianBlur):
+        if global_size % patch_size or query_size % patch_size or (num_locals and local_size % patch_size):
+            raise ValueError(f"img_size/query_size/local_crops_size: {global_size}/{query_size}/{local_size} must be "
+                             f"multiples of patch_size {patch_size}")
         if num_queries < 0:
             raise ValueError("num_queries: must be >= 0")
         self.global_size, self.query_size, self.patch_size = global_size, query_size, patch_size
         self.num_queries, self.global_scale, self.query_scale = num_queries, global_scale, query_scale
         self.mask_ratios, self.mask_ratio_vars, self.mask_aspect = mask_ratios, mask_ratio_vars, mask_aspect
+        self.num_locals, self.local_size, self.local_scale = num_locals, local_size, local_scale
         colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
 
         def random_blur(size, p):  # BYOL: kernel 10% of the side, sigma 0.1-2.0 px at 224 px, scaled with the side
@@ -285,13 +304,15 @@ class PQCLAugmentation:
             T.Compose([*colour, random_blur(global_size, 0.1), T.RandomSolarize(128, p=0.2), *finish]),
         ]
         self.query_pixels = T.Compose([*colour, random_blur(query_size, 0.5), *finish])
+        self.local_pixels = T.Compose([*colour, random_blur(local_size, 0.5), *finish])
 
     @classmethod
     def from_config(cls, cfg, **kwargs):
-        return cls(cfg.img_size, cfg.query_size, cfg.patch_size, cfg.num_queries if cfg.use_queries else 0,
+        return cls(cfg.img_size, cfg.query_size, cfg.patch_size, cfg.num_queries if cfg.draws_queries else 0,
                    cfg.global_scale, cfg.query_scale,
                    cfg.mask_ratios if cfg.framework == "ibot" else (0.0,),
-                   cfg.mask_ratio_vars if cfg.framework == "ibot" else (0.0,), cfg.mask_aspect, **kwargs)
+                   cfg.mask_ratio_vars if cfg.framework == "ibot" else (0.0,), cfg.mask_aspect,
+                   cfg.local_crops_number, cfg.local_crops_size, cfg.local_crops_scale, **kwargs)
 
     @staticmethod
     def crop(image, box, size, flip):
@@ -305,8 +326,9 @@ class PQCLAugmentation:
         return self.crop(image, box, size, flip), box, flip
 
     def __call__(self, image):
-        # Random draws: globals, one seed for the masks, queries. So every method (iBOT or
-        # DINO, Q = 0 or not) sees the same global views and query crops for the same seed.
+        # Random draws: globals, one seed for the masks, queries, locals. So every method (iBOT
+        # or DINO, Q = 0 or not, N = 0 or not) sees the same global views and query crops for
+        # the same seed.
         globals_, global_boxes, global_flips = [], [], []
         for pixels in self.global_pixels:
             view, box, flip = self._random_view(image, self.global_size, self.global_scale)
@@ -325,6 +347,12 @@ class PQCLAugmentation:
             queries.append(self.query_pixels(view))
             query_boxes.append(box)
             query_flips.append(flip)
+        locals_, local_boxes, local_flips = [], [], []
+        for _ in range(self.num_locals):
+            view, box, flip = self._random_view(image, self.local_size, self.local_scale)
+            locals_.append(self.local_pixels(view))
+            local_boxes.append(box)
+            local_flips.append(flip)
         q_grid = self.query_size // self.patch_size
         query_pos = torch.zeros(len(global_boxes), self.num_queries, q_grid * q_grid, 2)  # (V, Q, L, 2)
         for v, (g_box, g_flip) in enumerate(zip(global_boxes, global_flips)):
@@ -333,12 +361,15 @@ class PQCLAugmentation:
         return {
             "globals": torch.stack(globals_),  # (V, 3, S, S)
             "queries": torch.stack(queries) if queries else torch.zeros(0, 3, self.query_size, self.query_size),
+            "locals": torch.stack(locals_) if locals_ else torch.zeros(0, 3, self.local_size, self.local_size),
             "query_pos": query_pos,
             "masks": masks,
             "global_boxes": torch.tensor(global_boxes, dtype=torch.long).view(-1, 4),
             "query_boxes": torch.tensor(query_boxes, dtype=torch.long).view(-1, 4),
+            "local_boxes": torch.tensor(local_boxes, dtype=torch.long).view(-1, 4),
             "global_flips": torch.tensor(global_flips, dtype=torch.bool),
             "query_flips": torch.tensor(query_flips, dtype=torch.bool),
+            "local_flips": torch.tensor(local_flips, dtype=torch.bool),
         }
 
 
@@ -598,25 +629,39 @@ def cross_entropy(student_logits, targets, student_temp):
     return -(targets * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
 
 
+def pair_cross_entropies(student_cls, teacher_cls_probs, student_temp):
+    """H(t_v, s_w) of every teacher view v and student view w, averaged over the batch.
+    student_cls (W, B, K), teacher_cls_probs (V, B, K) -> (V, W); the student's first V
+    views are the teacher's V global views."""
+    log_p = F.log_softmax(student_cls.float() / student_temp, dim=-1)  # (W, B, K)
+    return -torch.einsum("tbk,sbk->ts", teacher_cls_probs, log_p) / log_p.shape[1]  # (V_teacher, W_student)
+
+
 def cls_loss(student_cls, teacher_cls_probs, student_temp):
-    """Eq. 2, [CLS] terms: each view's student [CLS] predicts every *other* view's teacher.
-    student_cls, teacher_cls_probs (V, B, K) -> mean over the V(V-1) pairs and the batch."""
-    log_p = F.log_softmax(student_cls.float() / student_temp, dim=-1)  # (V, B, K)
-    pair = -torch.einsum("tbk,sbk->ts", teacher_cls_probs, log_p) / log_p.shape[1]  # (V_teacher, V_student)
-    V = pair.shape[0]
-    return (pair.sum() - pair.diagonal().sum()) / (V * (V - 1))  # mean off the diagonal, without a host sync
+    """Eq. 2, [CLS] terms: each student view's [CLS] predicts every *other* global view's
+    teacher [CLS]; with N local crops (multi-crop) every pair of different views counts
+    once, as in DINO. student_cls (V + N, B, K): the V global views, then the local crops;
+    teacher_cls_probs (V, B, K) -> mean over the V(V + N - 1) pairs and the batch."""
+    pair = pair_cross_entropies(student_cls, teacher_cls_probs, student_temp)  # (V, V + N)
+    V, W = pair.shape
+    return (pair.sum() - pair.diagonal().sum()) / (V * (W - 1))  # mean off the diagonal, without a host sync
+
+
+def mean_per_image(per_token, image_index, num_images):
+    """Values of the M masked tokens (M,), image_index (M,) the view-image each came from ->
+    the mean over each image's masked tokens, then over all num_images view-images
+    (an image without masked tokens counts as 0), as iBOT averages its patch term."""
+    per_image = per_token.new_zeros(num_images).index_add_(0, image_index, per_token)  # (V*B,)
+    # counted by index_add_, not bincount: on a GPU bincount waits for the device to size its output
+    count = torch.zeros_like(per_image).index_add_(0, image_index, torch.ones_like(per_token)).clamp(min=1)
+    return (per_image / count).mean()
 
 
 def patch_loss(student_masked, teacher_masked_probs, image_index, num_images, student_temp):
     """Eq. 2, masked-patch terms (iBOT): within a view, each masked student token predicts
     the teacher token at the same place. student_masked, teacher_masked_probs (M, K) for the
-    M masked tokens, image_index (M,) the view-image each came from. Averaged over an
-    image's masked tokens, then over all V*B view-images (unmasked images count as 0)."""
-    per_token = cross_entropy(student_masked, teacher_masked_probs, student_temp)  # (M,)
-    per_image = per_token.new_zeros(num_images).index_add_(0, image_index, per_token)  # (V*B,)
-    # counted by index_add_, not bincount: on a GPU bincount waits for the device to size its output
-    count = torch.zeros_like(per_image).index_add_(0, image_index, torch.ones_like(per_token)).clamp(min=1)
-    return (per_image / count).mean()
+    M masked tokens, image_index (M,) the view-image each came from."""
+    return mean_per_image(cross_entropy(student_masked, teacher_masked_probs, student_temp), image_index, num_images)
 
 
 def query_loss(student_query, teacher_query_probs, student_temp):
@@ -624,6 +669,22 @@ def query_loss(student_query, teacher_query_probs, student_temp):
     teacher's tokens of the query crop seen with pixels. student_query (V, B, Q, L, K),
     teacher_query_probs (B, Q, L, K) -> mean over views, images, crops and patches."""
     return cross_entropy(student_query, teacher_query_probs[None], student_temp).mean()
+
+
+# Reading a run (DINO Sec. 5.3): cross-entropy = H(t) + KL(t || s). H(t) near ln K with KL
+# near 0 is collapse to a uniform output, H(t) near 0 with KL near 0 collapse to one
+# prototype; an effective rank near 1 is dimensional collapse.
+
+def entropy(probs):
+    """H(p) in nats over the last dim: (..., K) -> (...); 0 log 0 = 0."""
+    return torch.special.entr(probs).sum(-1)
+
+
+def effective_rank(embeddings):
+    """RankMe (Garrido et al., 2023): exp of the entropy of the singular values of a batch of
+    embeddings (n, D), normalised to sum 1; between 1 and min(n, D)."""
+    singular_values = torch.linalg.svdvals(embeddings.float())  # (min(n, D),)
+    return entropy(singular_values / singular_values.sum()).exp()
 
 
 # --------------------------------------------------------------------------------------
@@ -661,17 +722,24 @@ class PQCL(nn.Module):
         for name in ("center_cls", "center_patch", "center_query"):
             self.register_buffer(name, torch.zeros(cfg.out_dim))
 
-    def forward(self, batch, teacher_temp=None):
+    def forward(self, batch, teacher_temp=None, monitor=False):
+        """-> {loss, cls, patch, query}; with `monitor`, also the collapse monitors (entropy_T,
+        kl_T for each term T, in nats) and the teacher's [CLS] tokens (V*B, D) for the rank."""
         cfg = self.cfg
         teacher_temp = cfg.teacher_temp if teacher_temp is None else teacher_temp
         images = batch["globals"].transpose(0, 1).flatten(0, 1)  # (V*B, 3, S, S), view-major
         V, B = batch["globals"].shape[1], batch["globals"].shape[0]
         masks = batch["masks"].transpose(0, 1).flatten(0, 1).flatten(1) if cfg.framework == "ibot" else None  # (V*B, N)
         query_pos = batch["query_pos"].transpose(0, 1).flatten(0, 1) if cfg.use_queries else None  # (V*B, Q, L, 2)
+        # student-only views with pixels: multi-crop local crops, and the query crops for the baseline
+        local_views = [crops.transpose(0, 1).flatten(0, 1) for crops, used in  # (N*B, 3, s', s'), view-major
+                       ((batch.get("locals"), cfg.local_crops_number > 0), (batch["queries"], cfg.query_as_local))
+                       if used]
 
         # (image, patch) indices of the M masked patches, (M,) each: the step's one host sync (M varies)
         masked = masks.nonzero(as_tuple=True) if masks is not None else None
-        targets = self.teacher_targets(images, masked, batch["queries"] if query_pos is not None else None, teacher_temp)
+        targets, teacher_cls_tokens = self.teacher_targets(images, masked, batch["queries"] if query_pos is not None
+                                                           else None, teacher_temp)
 
         tokens, query_tokens = self.student.backbone.forward_student(images, query_pos, masks)
         # The head maps each token on its own, so running it only on the tokens that enter
@@ -682,10 +750,14 @@ class PQCL(nn.Module):
             inputs["patch"] = tokens[:, 1:][masked]  # (M, D)
         if query_pos is not None:
             inputs["query"] = query_tokens  # (V*B, Q, L, D)
+        if local_views:
+            inputs["local"] = torch.cat([self.student.backbone(views)[:, 0] for views in local_views])  # (N*B, D)
         student_logits = apply_heads(self.student.heads, inputs)
 
-        terms = {"cls": cls_loss(student_logits["cls"].unflatten(0, (V, B)), targets["cls"].unflatten(0, (V, B)),
-                                 cfg.student_temp)}
+        student_cls = student_logits["cls"].unflatten(0, (V, B))  # (V, B, K)
+        if local_views:
+            student_cls = torch.cat([student_cls, student_logits["local"].unflatten(0, (-1, B))])  # (V + N, B, K)
+        terms = {"cls": cls_loss(student_cls, targets["cls"].unflatten(0, (V, B)), cfg.student_temp)}
         zero = terms["cls"].new_zeros(())
         terms["patch"] = zero
         if masked is not None:
@@ -695,15 +767,40 @@ class PQCL(nn.Module):
             terms["query"] = query_loss(student_logits["query"].unflatten(0, (V, B)), targets["query"],
                                         cfg.student_temp)
         loss = terms["cls"] + cfg.patch_weight * terms["patch"] + cfg.query_weight * terms["query"]  # Eq. 9
-        return {"loss": loss, **terms}
+        out = {"loss": loss, **terms}
+        if monitor:
+            out.update(self.collapse_monitors(terms, targets, student_cls, masked, V),
+                       teacher_cls_tokens=teacher_cls_tokens)
+        return out
+
+    @torch.no_grad()
+    def collapse_monitors(self, terms, targets, student_cls, masked, V):
+        """For each term, the mean entropy H(t) of its teacher targets, averaged as the term
+        averages its cross-entropies, and KL(t || s) = cross-entropy - H(t). student_cls
+        (V + N, B, K); the local crops' targets are the global views' [CLS] targets.
+        -> {entropy_T, kl_T} scalar tensors, T in cls, patch, query, local (those present)."""
+        entropies = {"cls": entropy(targets["cls"]).mean()}  # each teacher view is in V + N - 1 pairs
+        cross_entropies = dict(terms)
+        if "patch" in targets:
+            entropies["patch"] = mean_per_image(entropy(targets["patch"]), masked[0], V * student_cls.shape[1])
+        if "query" in targets:
+            entropies["query"] = entropy(targets["query"]).mean()
+        if len(student_cls) > V:  # the local crops' own pairs, within the [CLS] term
+            pair = pair_cross_entropies(student_cls, targets["cls"].unflatten(0, (V, -1)), self.cfg.student_temp)
+            cross_entropies["local"], entropies["local"] = pair[:, V:].mean(), entropies["cls"]
+        monitors = {}
+        for term, h in entropies.items():
+            monitors[f"entropy_{term}"], monitors[f"kl_{term}"] = h, cross_entropies[term] - h
+        return monitors
 
     @torch.no_grad()
     def teacher_targets(self, images, masked, queries, teacher_temp):
         """Eq. 7: the teacher, a plain ViT, on every global view and query crop with pixels;
         its logits centered and sharpened into targets. images (V*B, 3, S, S); masked, the
         (image, patch) indices of the M masked patches, or None; queries (B, Q, 3, s, s) or None
-        -> {cls (V*B, K), patch (M, K), query (B, Q, L, K)}. The centers then move toward this
-        batch, and the (V*B, N, K) patch logits are freed before the student's activations grow."""
+        -> ({cls (V*B, K), patch (M, K), query (B, Q, L, K)}, the [CLS] tokens (V*B, D)). The
+        centers then move toward this batch, and the (V*B, N, K) patch logits are freed before
+        the student's activations grow."""
         tokens = self.teacher.backbone(images)  # (V*B, R, D)
         inputs = {"cls": tokens[:, 0]}
         if masked is not None:
@@ -714,7 +811,7 @@ class PQCL(nn.Module):
         selected = {**logits, "patch": logits["patch"][masked]} if masked is not None else logits  # patch: (M, K)
         targets = {kind: teacher_probs(x, getattr(self, f"center_{kind}"), teacher_temp) for kind, x in selected.items()}
         self.update_centers(logits)  # after the targets, which use the centers as they were
-        return targets
+        return targets, tokens[:, 0]
 
     @torch.no_grad()
     def update_centers(self, teacher_logits):

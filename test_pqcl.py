@@ -382,7 +382,9 @@ def test_augmentation_shapes_and_positions(num_queries):
     expected = {"globals": ((V, 3, 32, 32), torch.float32), "queries": ((Q, 3, 16, 16), torch.float32),
                 "query_pos": ((V, Q, l * l, 2), torch.float32), "masks": ((V, G, G), torch.bool),
                 "global_boxes": ((V, 4), torch.long), "query_boxes": ((Q, 4), torch.long),
-                "global_flips": ((V,), torch.bool), "query_flips": ((Q,), torch.bool)}
+                "global_flips": ((V,), torch.bool), "query_flips": ((Q,), torch.bool),
+                "locals": ((0, 3, 96, 96), torch.float32), "local_boxes": ((0, 4), torch.long),
+                "local_flips": ((0,), torch.bool)}  # no local crops by default
     assert {k: (tuple(v.shape), v.dtype) for k, v in out.items()} == expected
     for v, q in itertools.product(range(V), range(Q)):
         ref = pqcl.relative_positions(out["global_boxes"][v].tolist(), out["query_boxes"][q].tolist(), G, l,
@@ -610,6 +612,128 @@ def test_forward_loss_matches_per_view_reference():
     torch.testing.assert_close(out["cls"], cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["patch"], torch.stack(patch).mean(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["query"], query, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("student_views", ["local crops", "query as local"])
+def test_multicrop_cls_loss_matches_per_pair_reference(student_views):
+    """[CLS] term with student-only views (DINO multi-crop, or the paper's query-as-local
+    baseline): every (teacher global view, student view) pair of different views counts once,
+    rebuilt pair by pair from the modules named explicitly; the teacher is made to differ from
+    the student, and it never sees the student-only views (its center ignores them)."""
+    overrides = ({"local_crops_number": 2, "local_crops_size": 8} if student_views == "local crops"
+                 else {"query_as_local": True, "query_weight": 0.0})
+    model = tiny_pqcl(**overrides).eval()
+    randomize_(model.teacher, std=0.2, seed=7)
+    batch = tiny_batch(model.cfg)
+    batch["locals"] = torch.randn(BATCH, 2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    extra = batch["locals"] if student_views == "local crops" else batch["queries"]  # (B, N, 3, 8, 8)
+    model.center_cls.copy_(torch.randn(64))
+    center, temp, student_temp = model.center_cls.clone(), 0.05, model.cfg.student_temp
+    with torch.no_grad():
+        t_backbone, t_head = model.teacher.backbone, model.teacher.heads["cls"]
+        s_backbone, s_head = model.student.backbone, model.student.heads["cls"]
+        V, N = 2, extra.shape[1]
+        teacher = [((t_head(t_backbone(batch["globals"][:, v])[:, 0]) - center) / temp).softmax(-1) for v in range(V)]
+        student = [s_head(s_backbone.forward_student(batch["globals"][:, v], None, batch["masks"][:, v])[0][:, 0])
+                   for v in range(V)] + [s_head(s_backbone(extra[:, n])[:, 0]) for n in range(N)]
+        pairs = [-(teacher[tv][b] * (student[sv][b] / student_temp).log_softmax(-1)).sum()
+                 for tv in range(V) for sv in range(V + N) if sv != tv for b in range(BATCH)]
+        out = model(batch, teacher_temp=temp)
+    assert len(pairs) == V * (V + N - 1) * BATCH
+    torch.testing.assert_close(out["cls"], torch.stack(pairs).mean(), atol=1e-5, rtol=1e-5)
+    centers_after = model.center_cls.clone()
+    model.center_cls.copy_(center)
+    with torch.no_grad():
+        model(dict(batch, locals=batch["locals"] + 1, queries=batch["queries"] + (student_views == "query as local")),
+              teacher_temp=temp)
+    if student_views == "local crops":
+        assert torch.equal(model.center_cls, centers_after)  # the teacher's outputs ignore the local crops
+
+
+def test_multicrop_off_ignores_local_crops():
+    """local_crops_number 0: a batch's local crops change nothing (today's loss); on: they do."""
+    off, on = tiny_pqcl(), tiny_pqcl(local_crops_number=2, local_crops_size=8)
+    on.load_state_dict(off.state_dict())
+    batch = tiny_batch(off.cfg)
+    plain = loss_terms(off, batch)
+    with_locals = dict(batch, locals=torch.randn(BATCH, 2, 3, 8, 8))
+    assert all(torch.equal(loss_terms(off, with_locals)[k], plain[k]) for k in plain)
+    assert loss_terms(on, with_locals)["cls"] != plain["cls"]
+
+
+def test_query_as_local_feeds_the_query_pixels_to_the_student_and_no_query_tokens():
+    """--query-as-local: the loss depends on the query crops' pixels through the student (a
+    gradient reaches them); with query_weight 0 no query token is ever built (the positional
+    branch costs nothing); without it the query pixels get no gradient (teacher only)."""
+    def query_pixel_grad(model):
+        batch = tiny_batch(model.cfg)
+        batch["queries"].requires_grad_(True)
+        model(batch)["loss"].backward()
+        return batch["queries"].grad
+
+    baseline = tiny_pqcl(query_as_local=True, query_weight=0.0).train()
+    built = []
+    original = baseline.student.backbone.forward_student
+    with mock.patch.object(baseline.student.backbone, "forward_student",
+                           lambda images, query_pos=None, mask=None: built.append(query_pos) or original(images, query_pos, mask)):
+        grad = query_pixel_grad(baseline)
+    assert grad is not None and grad.abs().sum() > 0
+    assert built == [None]
+    assert query_pixel_grad(tiny_pqcl().train()) is None
+
+
+def test_entropy_by_hand():
+    """H(p) in nats: (1/2, 1/4, 1/4) -> 1.5 ln 2; one-hot -> 0; uniform over K -> ln K."""
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.0, 1.0, 0.0, 0.0], [0.25] * 4])
+    torch.testing.assert_close(pqcl.entropy(probs), torch.tensor([1.5 * math.log(2), 0.0, math.log(4)]))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 10])
+def test_effective_rank_of_a_rank_r_matrix(rank):
+    """RankMe: r equal singular values -> exactly r; a random Gaussian rank-r matrix -> close
+    to r (and never above it); a constant matrix -> 1."""
+    gen = torch.Generator().manual_seed(rank)
+    u, _ = torch.linalg.qr(torch.randn(200, rank, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(64, rank, generator=gen, dtype=torch.float64))
+    assert pqcl.effective_rank(3.0 * u @ v.T).item() == pytest.approx(rank, rel=1e-4)
+    gaussian = torch.randn(200, rank, generator=gen) @ torch.randn(rank, 64, generator=gen)
+    assert 0.7 * rank <= pqcl.effective_rank(gaussian).item() <= rank + 1e-3
+    assert pqcl.effective_rank(torch.full((50, 64), 2.5)).item() == pytest.approx(1.0, abs=1e-3)  # float32 SVD
+
+
+def test_collapse_monitors_against_direct_computation():
+    """monitor=True: entropy_T is the mean entropy of term T's teacher targets recomputed from
+    the teacher's modules (patches: per image, then over images, as the patch term averages),
+    kl_T = term - entropy_T >= 0 (Gibbs), and the loss terms are those of monitor=False."""
+    model = tiny_pqcl(local_crops_number=2, local_crops_size=8).eval()
+    randomize_(model.teacher, std=0.2, seed=5)
+    batch = dict(tiny_batch(model.cfg), locals=torch.randn(BATCH, 2, 3, 8, 8))
+    for kind in ("cls", "patch", "query"):
+        getattr(model, f"center_{kind}").copy_(torch.randn(64))
+    centers, temp = {name: b.clone() for name, b in model.named_buffers()}, 0.05
+    with torch.no_grad():
+        backbone, head = model.teacher.backbone, model.teacher.heads["cls"]
+
+        def mean_entropy(logits, kind):  # (..., K) -> the mean of -sum p log p
+            p = ((logits - centers[f"center_{kind}"]) / temp).softmax(-1)
+            return (-(p * p.clamp(min=1e-45).log()).sum(-1)).mean()  # 0 log 0 = 0
+
+        views = [head(backbone(batch["globals"][:, v])) for v in range(2)]  # (B, R, K) each
+        crops = head(backbone(batch["queries"].flatten(0, 1))[:, 1:])
+        per_image = [mean_entropy(views[v][b, 1:][batch["masks"][b, v].flatten()], "patch")
+                     if batch["masks"][b, v].any() else torch.tensor(0.0) for v in range(2) for b in range(BATCH)]
+        expected = {"cls": mean_entropy(torch.stack([x[:, 0] for x in views]), "cls"),
+                    "patch": torch.stack(per_image).mean(), "query": mean_entropy(crops, "query")}
+        out = model(batch, teacher_temp=temp, monitor=True)
+        for name, buffer in model.named_buffers():
+            buffer.copy_(centers[name])
+        plain = model(batch, teacher_temp=temp)
+    for term, h in expected.items():
+        torch.testing.assert_close(out[f"entropy_{term}"], h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[f"kl_{term}"], out[term] - h, atol=1e-5, rtol=1e-5)
+        assert out[f"kl_{term}"] >= 0 and torch.equal(out[term], plain[term])
+    assert out["entropy_local"] == out["entropy_cls"] and out["kl_local"] >= 0
+    assert out["teacher_cls_tokens"].shape == (2 * BATCH, DIM)
 
 
 def log_softmax(xs):

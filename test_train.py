@@ -4,11 +4,13 @@ SIGKILL, SIGTERM, atomic checkpoints, export, unreadable images, bad input, the 
     python -m pytest test_train.py -q
 """
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -264,3 +266,43 @@ def test_resumable_sampler_deals_whole_global_batches():
     assert list(later) == full[20:] and len(later) == len(full) - 20
 
 
+
+
+@pytest.mark.parametrize("bf16_seconds,expected", [(0.5, torch.bfloat16), (2.0, None)])
+def test_auto_precision_follows_the_matmul_probe(tiny_images, tmp_path, capsys, bf16_seconds, expected):
+    """--precision auto on a CPU: bf16 where the probe's bf16 matmul is faster than fp32, and
+    the run then trains under bf16 autocast; fp32 (no autocast) where bf16 is slower, as on a
+    CPU without native bf16."""
+    used = []
+    step = train_ddp.train_step
+    timings = {torch.float32: 1.0, torch.bfloat16: bf16_seconds}
+    with mock.patch.object(train_ddp, "matmul_seconds", lambda width, dtype: timings[dtype]), \
+         mock.patch.object(train_ddp, "train_step", lambda *a, **k: used.append(a[4]) or step(*a, **k)):
+        assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "2",
+                               "--output-dir", str(tmp_path)]) == 0
+    assert used == [expected, expected]
+    assert f"{'bf16' if expected else 'fp32'} (bf16 matmul {1.0 / bf16_seconds:.2f}x fp32)" in capsys.readouterr().out
+
+
+def test_auto_precision_probe_is_quick_and_valid():
+    """The real probe answers fp32 or bf16 in well under a second at ViT-S width."""
+    start = time.perf_counter()
+    precision, why = train_ddp.auto_precision(torch.device("cpu"), 384)
+    assert precision in ("fp32", "bf16") and "bf16 matmul" in why and time.perf_counter() - start < 5
+
+
+def test_collapse_monitors_are_logged_at_log_steps_only(tiny_images, tmp_path):
+    """Every log.jsonl record has H(t) and KL of each term and the teacher's effective rank
+    (between 1 and the number of [CLS] embeddings); the step computes them on log steps only."""
+    flags = []
+    step = train_ddp.train_step
+    with mock.patch.object(train_ddp, "train_step", lambda *a, **k: flags.append(k["monitor"]) or step(*a, **k)):
+        assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "5",
+                               "--log-every", "2", "--output-dir", str(tmp_path)]) == 0
+    assert flags == [False, True, False, True, True]  # steps 2 and 4 by --log-every, 5 the last
+    records = read_log(tmp_path)
+    assert [r["step"] for r in records] == [2, 4, 5]
+    for record in records:
+        for term in ("cls", "patch", "query"):
+            assert 0 <= record[f"entropy_{term}"] <= math.log(64) + 1e-4 and record[f"kl_{term}"] >= -1e-4
+        assert 1 <= record["effective_rank"] <= 2 * 4

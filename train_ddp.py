@@ -56,7 +56,8 @@ def build_parser():
     run.add_argument("--ckpt-every", type=int, default=500, help="also write the checkpoint every this many steps")
     run.add_argument("--log-every", type=int, default=20, help="steps between log lines (and loss/stop checks)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision; auto = bf16 on GPU, fp32 on CPU (faster on CPUs without AMX)")
+                     help="autocast precision; auto = bf16 on a GPU; on a CPU bf16 where a matmul at the model's "
+                          "width runs faster in bf16 than in fp32 (timed at start, printed in the start line)")
     run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and heads")
     run.add_argument("--workers", type=int, default=-1,
                      help="data-loading processes per GPU/process (-1: for an ImageFolder the node's cores shared "
@@ -130,18 +131,18 @@ def schedule_at(cfg, step, steps_per_epoch, world_size=1):
             "freeze_last_layer": step < cfg.freeze_last_layer_epochs * steps_per_epoch}
 
 
-def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None):
+def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None, monitor=False):
     """One optimizer step of PQCL with the values of `schedule` (schedule_at): forward under
     autocast, backward, per-tensor grad clip, last-layer freeze, AdamW, EMA. `model` is the
-    PQCL module or its DDP wrapper. Returns the loss terms (tensors: nothing here waits for
-    the device)."""
+    PQCL module or its DDP wrapper. Returns the loss terms, and with `monitor` the collapse
+    monitors of PQCL.forward (tensors: nothing here waits for the device)."""
     pqcl_model = model.module if isinstance(model, DistributedDataParallel) else model
     for group in optimizer.param_groups:
         group["lr"] = schedule["lr"]
     optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 1: biases and norms, never decayed
     device_type = batch["globals"].device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        terms = model(batch, teacher_temp=schedule["teacher_temp"])
+        terms = model(batch, teacher_temp=schedule["teacher_temp"], monitor=monitor)
     if scaler is not None:
         scaler.scale(terms["loss"]).backward()
         scaler.unscale_(optimizer)
@@ -170,6 +171,30 @@ def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None):
 # --------------------------------------------------------------------------------------
 
 
+def matmul_seconds(width, dtype, repeats=3):
+    """Seconds of one (tokens, width) @ (width, 4 width) matmul on the CPU in `dtype`, the
+    median of `repeats` after a warm-up: the MLP's shape, the bulk of a ViT's FLOPs; 2^25
+    multiply-adds, so that even emulated bf16 answers in a fraction of a second."""
+    tokens = max(16, 2**25 // (4 * width * width))
+    a, b = torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def auto_precision(device, width):
+    """--precision auto -> (precision, why). bf16 on CUDA. On a CPU bf16 only where the matmul
+    probe runs faster in bf16 than in fp32: CPUs with native bf16 (AMX, avx512_bf16) gain,
+    others emulate it and lose (1.47x and 0.63x the fp32 step measured on two machines)."""
+    if device.type == "cuda":
+        return "bf16", "GPU"
+    fp32, bf16 = matmul_seconds(width, torch.float32), matmul_seconds(width, torch.bfloat16)
+    return ("bf16" if bf16 < fp32 else "fp32"), f"bf16 matmul {fp32 / bf16:.2f}x fp32"
+
+
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -188,6 +213,17 @@ def all_ranks_sum(values):
     if dist.is_initialized():
         dist.all_reduce(totals)
     return dict(zip(values, totals.tolist()))
+
+
+def global_batch_rank(local_embeddings):
+    """The effective rank (pqcl.effective_rank) of the teacher's [CLS] embeddings (n, D) of
+    every rank's batch together."""
+    if dist.is_initialized():
+        gathered = torch.empty(dist.get_world_size() * len(local_embeddings), local_embeddings.shape[1],
+                               dtype=local_embeddings.dtype, device=local_embeddings.device)
+        dist.all_gather_into_tensor(gathered, local_embeddings.contiguous())
+        local_embeddings = gathered
+    return pqcl.effective_rank(local_embeddings).item()
 
 
 def format_duration(seconds):
@@ -227,12 +263,14 @@ class Progress:
         self.run_start = self.interval_start = time.perf_counter()
         self.skipped = 0
 
-    def write(self, step, epoch, losses, skipped, interval_steps, schedule, student_temp, peak_memory):
-        """`losses`: the interval's mean loss terms; `schedule`: the values of its last step."""
+    def write(self, step, epoch, losses, monitors, skipped, interval_steps, schedule, student_temp, peak_memory):
+        """`losses`: the interval's mean loss terms; `monitors`: the collapse monitors of its
+        last step (entropy_T, kl_T, effective_rank); `schedule`: the values of its last step."""
         now = time.perf_counter()
         step_time = (now - self.interval_start) / interval_steps
         self.interval_start, self.skipped = now, self.skipped + skipped
-        record = {"step": step, "epoch": epoch, **losses, "lr": schedule["lr"], "weight_decay": schedule["weight_decay"],
+        record = {"step": step, "epoch": epoch, **losses, **monitors, "lr": schedule["lr"],
+                  "weight_decay": schedule["weight_decay"],
                   "momentum": schedule["momentum"], "teacher_temp": schedule["teacher_temp"],
                   "student_temp": student_temp, "images_per_s": self.global_batch / step_time,
                   "step_time_s": step_time, "peak_memory_mb": peak_memory, "skipped_images": self.skipped}
@@ -240,7 +278,11 @@ class Progress:
         self.file.flush()
         eta = (now - self.run_start) / (step - self.start_step) * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} ep {epoch} | loss {losses['loss']:.3f} (cls {losses['cls']:.3f} "
-                f"patch {losses['patch']:.3f} query {losses['query']:.3f}) | {record['images_per_s']:.1f} img/s | "
+                f"patch {losses['patch']:.3f} query {losses['query']:.3f}) | "
+                + "".join(f"H(t)/KL {term} {monitors[f'entropy_{term}']:.2f}/{monitors[f'kl_{term}']:.2f} | "
+                          for term in MONITORED if f"entropy_{term}" in monitors)
+                + (f"rank {monitors['effective_rank']:.1f} | " if "effective_rank" in monitors else "")
+                + f"{record['images_per_s']:.1f} img/s | "
                 f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
         print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
@@ -252,6 +294,7 @@ class Progress:
 
 
 LOSS_TERMS = ("loss", "cls", "patch", "query")
+MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (PQCL.collapse_monitors)
 
 
 def train(args, stop_requested):
@@ -261,7 +304,9 @@ def train(args, stop_requested):
     checkpoint = checkpoints.load_checkpoint(checkpoint_path) if args.resume else None
     cfg = pqcl.Config(**checkpoint["config"]) if checkpoint else config_from_args(args)
     # everything that can fail on bad input happens before anything is written
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, precision_why = args.precision, "--precision"
+    if precision == "auto":
+        precision, precision_why = auto_precision(device, pqcl.ARCHS[cfg.arch][0])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
@@ -303,7 +348,7 @@ def train(args, stop_requested):
         print(f"PQCL-{cfg.framework} ({f'lambda {cfg.query_weight}' if cfg.use_queries else 'baseline, no queries'}) "
               f"{cfg.arch}{f' depth {cfg.depth}' if cfg.depth else ''}/{cfg.patch_size} at {cfg.img_size} px on "
               f"{args.data}: {num_images} images, {world_size} x {device.type}, "
-              f"{precision}, global batch {cfg.batch_size * world_size}, {total_steps} steps"
+              f"{precision} ({precision_why}), global batch {cfg.batch_size * world_size}, {total_steps} steps"
               + (f", resuming at step {step}" if checkpoint else f", {preset_of(args)} preset"), flush=True)
     log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
     running = dict.fromkeys([*LOSS_TERMS, "skipped"], torch.zeros((), device=device))  # sums since the last sync
@@ -316,31 +361,35 @@ def train(args, stop_requested):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # drop path: a function of the step
             schedule = schedule_at(cfg, step, steps_per_epoch, world_size)
-            terms = train_step(trained, optimizer, batch, schedule, amp_dtype, scaler)
             step += 1
-            interval_steps += 1
-            running = {name: total + (batch["skipped"].sum() if name == "skipped" else terms[name])
-                       for name, total in running.items()}
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             log_now = step % args.log_every == 0 or end_of_epoch
             save_now = step % args.ckpt_every == 0 or end_of_epoch
+            terms = train_step(trained, optimizer, batch, schedule, amp_dtype, scaler, monitor=log_now)
+            interval_steps += 1
+            running = {name: total + (batch["skipped"].sum() if name == "skipped" else terms[name])
+                       for name, total in running.items()}
             if not (log_now or save_now or (stop_requested and world_size == 1)):
                 continue
             # sync point: every rank agrees on the loss, finiteness and a pending SIGTERM
             if device.type == "cpu":
                 release_freed_memory()
             weights_finite = torch.stack(torch._foreach_norm(list(model.student.parameters()))).isfinite().all()
-            totals = all_ranks_sum({**running, "nonfinite_weights": ~weights_finite,
+            monitors = {name: value for name, value in terms.items() if name.startswith(("entropy_", "kl_"))}
+            totals = all_ranks_sum({**running, **monitors, "nonfinite_weights": ~weights_finite,
                                     "stop": torch.tensor(float(bool(stop_requested)), device=device)})
             if not all(map(math.isfinite, (totals[name] for name in LOSS_TERMS))) or totals["nonfinite_weights"]:
                 raise FloatingPointError(f"non-finite loss or weights near step {step}; the last good checkpoint in "
                                          f"{args.output_dir} is untouched. Lower --lr or use --precision fp32.")
             stop = totals["stop"] > 0
-            if log_now or stop:
+            if log_now or stop:  # the monitors come from log steps only
+                monitors = {name: totals[name] / world_size for name in monitors}
+                if log_now:
+                    monitors["effective_rank"] = global_batch_rank(terms["teacher_cls_tokens"])
                 if log is not None:
                     means = {name: totals[name] / (interval_steps * world_size) for name in LOSS_TERMS}
-                    log.write(step, epoch, means, int(totals["skipped"]), interval_steps, schedule, cfg.student_temp,
-                              peak_memory_mb(device))
+                    log.write(step, epoch, means, monitors, int(totals["skipped"]), interval_steps, schedule,
+                              cfg.student_temp, peak_memory_mb(device))
                 running = {name: torch.zeros_like(total) for name, total in running.items()}
                 interval_steps = 0
             if (save_now or stop) and rank == 0:
