@@ -7,20 +7,22 @@
     ResumableSampler each rank's share of a seeded permutation, from any step of any epoch
 
 The method's view recipe (pqcl.PQCLAugmentation, the positions) lives in pqcl.py; this
-module adds only what makes it fast (the separable blur) and feeds it images.
+module adds only what makes it fast (CPUAugmentation: PIL's blur, JPEGs decoded at reduced
+size where every crop allows it; the separable blur for tensors) and feeds it images.
 """
 import argparse
 import gzip
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
 import pqcl
@@ -198,13 +200,25 @@ def preset_config(preset, **overrides):
 # --------------------------------------------------------------------------------------
 
 
+class DraftedImage(NamedTuple):
+    """A JPEG decoded at 1/reduction of its size by DCT scaling (PIL's draft): source pixel x
+    lies at x / reduction in `pixels` ((W + r - 1) // r wide), so boxes stay in source pixels."""
+    pixels: Image.Image
+    width: int  # the source's size (px)
+    height: int
+    reduction: int  # 2, 4 or 8
+
+
 class ImageFiles(Dataset):
     """An ImageFolder tree (one subfolder per class) read with PIL; unreadable files are
-    replaced by the next readable one and counted: index -> (PIL image, files passed over)."""
+    replaced by the next readable one and counted: index -> (PIL image, files passed over).
+    With `reduction` ((width, height) -> 1, 2, 4 or 8, e.g. CPUAugmentation.draft_reduction),
+    a JPEG is decoded at that reduced size and comes as a DraftedImage."""
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-    def __init__(self, root):
+    def __init__(self, root, reduction=None):
+        self.reduction = reduction
         if not os.path.isdir(root):
             raise UsageError(f"--data {root}: no such folder; point it at an ImageFolder tree "
                              "(one subfolder per class) or omit --data for the embedded dataset")
@@ -222,10 +236,18 @@ class ImageFiles(Dataset):
             path = self.paths[(index + skipped) % len(self.paths)]
             try:
                 with Image.open(path) as image:
-                    return image.convert("RGB"), skipped
+                    return self._decode(image), skipped
             except Exception as error:  # corrupt, truncated or unreadable: skip it, report it
                 print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
         raise RuntimeError("no readable image in the dataset")
+
+    def _decode(self, image):
+        width, height = image.size
+        reduction = self.reduction(width, height) if self.reduction and image.format == "JPEG" else 1
+        drafted = image.draft("RGB", (width // reduction, height // reduction)) if reduction > 1 else None
+        reduction = round(width / drafted[1][2]) if drafted else 1  # the scale PIL chose: box = source / scale
+        pixels = image.convert("RGB")
+        return DraftedImage(pixels, width, height, reduction) if reduction > 1 else pixels
 
 
 class InMemoryImages(Dataset):
@@ -266,9 +288,63 @@ class SeparableGaussianBlur(T.GaussianBlur):
         return x if torch.is_tensor(image) else TF.to_pil_image(x)
 
 
-def augmentation(cfg):
-    """The view recipe of `cfg` (pqcl.PQCLAugmentation) with the fast blur."""
-    return pqcl.PQCLAugmentation.from_config(cfg, blur=SeparableGaussianBlur)
+class PILGaussianBlur(SeparableGaussianBlur):
+    """T.GaussianBlur's random sigma; a PIL image is blurred by PIL's GaussianBlur with radius =
+    sigma, as DINO's and BYOL's reference code do, and stays uint8 in PIL. That is an extended
+    box blur (three box passes whose variance is exactly sigma^2, so a piecewise-quadratic kernel
+    rather than a Gaussian) with edges extended rather than reflected and no kernel truncation.
+    Tensors (the in-memory sets) keep the exact separable Gaussian: their samples are unchanged."""
+
+    def transform(self, image, params):
+        if torch.is_tensor(image):
+            return super().transform(image, params)
+        return image.filter(ImageFilter.GaussianBlur(radius=params["sigma"][0]))
+
+
+class CPUAugmentation(pqcl.PQCLAugmentation):
+    """pqcl.PQCLAugmentation that also takes a DraftedImage: boxes are drawn in source pixels
+    (the same draws as from the full image) and scaled into the drafted image to crop."""
+
+    @staticmethod
+    def draw_box(image, scale):
+        if isinstance(image, DraftedImage):  # RandomResizedCrop reads only the size: a tensor of no pixels has it
+            image = torch.empty(0, image.height, image.width)
+        return pqcl.PQCLAugmentation.draw_box(image, scale)
+
+    @staticmethod
+    def crop(image, box, size, flip):
+        if not isinstance(image, DraftedImage):
+            return pqcl.PQCLAugmentation.crop(image, box, size, flip)
+        top, left, height, width = (side / image.reduction for side in box)  # in the drafted image's pixels
+        # PIL resamples a fractional box directly (bicubic, antialiased), reading beyond the box
+        # at its borders where crop-then-resize would clamp
+        view = image.pixels.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
+        return TF.hflip(view) if flip else view
+
+    def draft_reduction(self, width, height):
+        """The largest JPEG reduction (8, 4, 2; else 1) at which every box draw_box can draw from a
+        width x height image still spans its view's size in pixels, so every resize still shrinks.
+        A box has sides >= sqrt(area * min scale * 3/4) (aspect 3/4 to 4/3; less a pixel for
+        rounding), or is RandomResizedCrop's fallback, sides >= min(width, height)."""
+        views = [(self.global_size, self.global_scale[0])]
+        views += [(self.query_size, self.query_scale[0])] if self.num_queries else []
+        views += [(self.local_size, self.local_scale[0])] if self.num_locals else []
+        shortest = [min(width, height, math.floor(math.sqrt(width * height * min_scale * 3 / 4)) - 1)
+                    for _, min_scale in views]  # the shortest side of any box, per view
+        for reduction in (8, 4, 2):
+            if all(side >= size * reduction for side, (size, _) in zip(shortest, views)):
+                return reduction
+        return 1
+
+
+BLURS = {"pil": PILGaussianBlur,  # the default: PIL's extended box blur on PIL images
+         "exact": SeparableGaussianBlur}  # the exact (truncated) Gaussian, through a float tensor
+
+
+def augmentation(cfg, blur="pil"):
+    """The view recipe of `cfg` (pqcl.PQCLAugmentation) with the fast CPU path: `blur` names
+    the Gaussian blur of PIL images (BLURS); tensors always get the exact separable one."""
+    return CPUAugmentation.from_config(cfg, blur=BLURS[blur])
 
 
 class Augmented(Dataset):

@@ -276,7 +276,8 @@ class PQCLAugmentation:
     global_boxes (V, 4), query_boxes (Q, 4), local_boxes (N, 4), global_flips (V,), query_flips (Q,),
     local_flips (N,): the geometry used
     Randomness comes from torch's global generator (seed it per sample for reproducible data).
-    `blur` is the Gaussian blur's class: T.GaussianBlur or a faster one with its interface.
+    `blur` is the Gaussian blur's class: T.GaussianBlur or a faster one with its interface;
+    `draw_box` and `crop` are the geometry, which a subclass may take from other image types.
     """
 
     def __init__(self, global_size=224, query_size=96, patch_size=16, num_queries=1,
@@ -320,8 +321,13 @@ class PQCLAugmentation:
         view = TF.resized_crop(image, *box, [size, size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
         return TF.hflip(view) if flip else view
 
+    @staticmethod
+    def draw_box(image, scale):
+        """A random box (top, left, h, w) in the image's pixels: RandomResizedCrop's, aspect 3/4 to 4/3."""
+        return T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+
     def _random_view(self, image, size, scale):
-        box = T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])  # (top, left, h, w)
+        box = self.draw_box(image, scale)
         flip = bool(torch.rand(()) < 0.5)
         return self.crop(image, box, size, flip), box, flip
 

@@ -15,7 +15,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFilter
 
 import checkpoints
 import data
@@ -266,8 +267,6 @@ def test_resumable_sampler_deals_whole_global_batches():
     assert list(later) == full[20:] and len(later) == len(full) - 20
 
 
-
-
 @pytest.mark.parametrize("bf16_seconds,expected", [(0.5, torch.bfloat16), (2.0, None)])
 def test_auto_precision_follows_the_matmul_probe(tiny_images, tmp_path, capsys, bf16_seconds, expected):
     """--precision auto on a CPU: bf16 where the probe's bf16 matmul is faster than fp32, and
@@ -306,3 +305,169 @@ def test_collapse_monitors_are_logged_at_log_steps_only(tiny_images, tmp_path):
         for term in ("cls", "patch", "query"):
             assert 0 <= record[f"entropy_{term}"] <= math.log(64) + 1e-4 and record[f"kl_{term}"] >= -1e-4
         assert 1 <= record["effective_rank"] <= 2 * 4
+
+
+# --------------------------------------------------------------------------------------
+# The CPU augmentation path (data.CPUAugmentation): PIL's blur, JPEGs drafted at reduced size
+# --------------------------------------------------------------------------------------
+
+CPU_CFG = pqcl.Config(img_size=32, patch_size=4, query_size=16, global_scale=(0.25, 1.0), query_scale=(0.05, 0.25))
+
+
+def photo(width=200, height=150, seed=0):
+    """A photo-like PIL image: a smooth colour field plus pixel noise (bench.write_jpegs' recipe)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    return Image.fromarray((np.asarray(coarse, np.float32) + rng.normal(0, 24, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
+def test_pil_blur_is_pils_gaussian_blur_at_torchvisions_sigma():
+    """PILGaussianBlur draws sigma as T.GaussianBlur does and applies PIL's GaussianBlur(radius
+    = sigma) to PIL images: identical to that op. Against the exact Gaussian (torchvision's, same
+    kernel size and sigma) on a photo-like image it differs by under 1 grey level on average and
+    at most a few (the box approximation and the extended edges). Tensors get the exact path."""
+    image, kernel = photo(), 23
+    for seed in range(4):
+        blur = data.PILGaussianBlur(kernel, (0.1, 2.0))
+        torch.manual_seed(seed)
+        sigma = blur.make_params([image])["sigma"][0]
+        torch.manual_seed(seed)
+        got = blur(image)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(image.filter(ImageFilter.GaussianBlur(sigma))))
+        exact = TF.gaussian_blur(TF.pil_to_tensor(image), [kernel, kernel], [sigma, sigma])
+        error = (TF.pil_to_tensor(got).int() - exact.int()).abs()
+        inner = error[:, kernel:-kernel, kernel:-kernel]  # away from the edges
+        assert inner.float().mean() < 1.0 and inner.max() <= 4, (sigma, inner.float().mean(), inner.max())
+    pixels = TF.pil_to_tensor(image)
+    for seed in range(3):
+        outputs = []
+        for blur_class in (data.PILGaussianBlur, data.SeparableGaussianBlur):
+            torch.manual_seed(seed)
+            outputs.append(blur_class(kernel, (0.1, 2.0))(pixels))
+        assert torch.equal(*outputs)
+
+
+def test_pil_blur_sigma_is_uniform_over_its_range():
+    """Large sample: the empirical CDF of sigma stays within the Kolmogorov-Smirnov bound of
+    U(0.1, 2.0) at the 0.1% level (1.95 / sqrt(n))."""
+    n, blur = 4000, data.PILGaussianBlur(23, (0.1, 2.0))
+    torch.manual_seed(0)
+    sigmas = np.sort([blur.make_params([None])["sigma"][0] for _ in range(n)])
+    uniform_cdf = (sigmas - 0.1) / 1.9
+    ks = max(np.abs(uniform_cdf - np.arange(1, n + 1) / n).max(), np.abs(uniform_cdf - np.arange(n) / n).max())
+    assert sigmas[0] >= 0.1 and sigmas[-1] <= 2.0 and ks < 1.95 / np.sqrt(n)
+
+
+def test_cpu_path_draws_what_the_exact_path_draws_and_leaves_tensors_unchanged():
+    """Same seed: the fast path (PIL blur) and the exact one make identical draws (boxes, flips,
+    masks, positions; the blur's sigma consumes the same numbers), so the distributions are the
+    old ones; tensor images (the built-in sets) give bit-identical samples to pqcl's recipe with
+    the separable blur."""
+    image = photo(64, 48)
+    keys = ("global_boxes", "query_boxes", "global_flips", "query_flips", "masks", "query_pos")
+    for seed in range(5):
+        samples = {}
+        for blur in data.BLURS:
+            torch.manual_seed(seed)
+            samples[blur] = data.augmentation(CPU_CFG, blur)(image)
+        assert all(torch.equal(samples["pil"][k], samples["exact"][k]) for k in keys)
+        tensor, outputs = TF.pil_to_tensor(image), []
+        for augment in (data.augmentation(CPU_CFG), pqcl.PQCLAugmentation.from_config(CPU_CFG, blur=data.SeparableGaussianBlur)):
+            torch.manual_seed(seed)
+            outputs.append(augment(tensor))
+        assert outputs[0].keys() == outputs[1].keys() and all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+
+
+def coordinate_jpeg(path, side=250):
+    """A JPEG whose red channel holds each pixel's column and green its row (0..255), near
+    lossless (quality 100, no chroma subsampling)."""
+    ys, xs = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    pixels = np.stack([xs, ys, np.full_like(xs, 128)], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=100, subsampling=0)
+    return path
+
+
+# The coordinate JPEG's decode errs by up to ~2 grey levels (= source px) per pixel, some of it
+# the same along a row; averaged over a 4 x 4 patch and divided by 8 to 31 source px per global
+# patch it stays below 0.1 patch in 100 random boxes per reduction (largest seen 0.067, at
+# reduction 2). A flip left out, or a box not scaled into the drafted image, misses by patches.
+DRAFT_ORACLE_TOL = 0.1
+
+
+@pytest.mark.parametrize("reduction", [1, 2, 4])
+def test_drafted_jpeg_crops_match_the_pixel_oracle(tmp_path, reduction):
+    """Decoded at 1/reduction, each crop of a box given in source pixels shows those source
+    pixels: the global view's patches sit on its integer grid, and each query patch where
+    relative_positions says, flips included."""
+    from test_pqcl import (
+        ORACLE_GRID,
+        ORACLE_QUERY,
+        ORACLE_QUERY_GRID,
+        ORACLE_SIZE,
+        in_global_frame,
+        patch_mean_source,
+    )
+    os.makedirs(tmp_path / "c")
+    coordinate_jpeg(tmp_path / "c" / "coordinates.jpg")
+    image, _ = data.ImageFiles(str(tmp_path), reduction=lambda width, height: reduction)[0]
+    if reduction > 1:
+        assert isinstance(image, data.DraftedImage) and image.reduction == reduction
+        side = (250 + reduction - 1) // reduction  # JPEG's DCT scaling rounds up
+        assert image.pixels.size == (side, side) and (image.width, image.height) == (250, 250)
+    rng = np.random.default_rng(reduction)
+    augment = data.augmentation(CPU_CFG)
+    worst = 0.0
+    for _ in range(100):
+        # sides the draft allows (>= the view's size at the reduction), as draft_reduction guarantees
+        g_side, q_side = rng.integers(max(64, ORACLE_SIZE * reduction), 251, 2), rng.integers(max(32, ORACLE_QUERY * reduction), 129, 2)
+        global_box = (int(rng.integers(0, 251 - g_side[0])), int(rng.integers(0, 251 - g_side[1])), *map(int, g_side))
+        query_box = (int(rng.integers(0, 251 - q_side[0])), int(rng.integers(0, 251 - q_side[1])), *map(int, q_side))
+        global_flip, query_flip = map(bool, rng.integers(0, 2, 2))
+
+        def source_of(box, size, flip):  # the view's per-patch mean source (y, x): pixel value + 0.5
+            view = TF.pil_to_tensor(augment.crop(image, box, size, flip)).float() + 0.5
+            return patch_mean_source(view)
+
+        seen = in_global_frame(source_of(global_box, ORACLE_SIZE, global_flip), global_box, global_flip)
+        rows, cols = torch.meshgrid(torch.arange(ORACLE_GRID) + 0.5, torch.arange(ORACLE_GRID) + 0.5, indexing="ij")
+        worst = max(worst, (seen - torch.stack([rows, cols], -1)).abs().max().item())
+        positions = pqcl.relative_positions(global_box, query_box, ORACLE_GRID, ORACLE_QUERY_GRID, global_flip, query_flip)
+        extent = torch.tensor([query_box[2], query_box[3]], dtype=torch.float64) / ORACLE_QUERY_GRID * ORACLE_GRID / torch.tensor(global_box[2:], dtype=torch.float64)
+        seen = in_global_frame(source_of(query_box, ORACLE_QUERY, query_flip), global_box, global_flip)
+        worst = max(worst, (seen - (positions.double() + extent / 2)).abs().max().item())
+    assert worst < DRAFT_ORACLE_TOL
+
+
+def test_draft_reduction_keeps_every_drawable_box_at_least_its_view_size():
+    """The reduction chosen for an image: every box draw_box draws (2000 per view) spans at least
+    the view's size times the reduction; the recipe's 500 x 375 photos are never reduced."""
+    augment = data.augmentation(pqcl.Config())  # 224 px globals, scale >= 0.25; a 96 px query crop, >= 0.05
+    assert augment.draft_reduction(500, 375) == 1 and augment.draft_reduction(2000, 1500) == 2
+    assert augment.draft_reduction(8000, 6000) == 8
+    torch.manual_seed(0)
+    for width, height in ((2000, 1500), (1500, 3000), (4000, 3000)):
+        reduction = augment.draft_reduction(width, height)
+        drafted = data.DraftedImage(None, width, height, reduction)
+        for size, scale in ((224, (0.25, 1.0)), (96, (0.05, 0.25))):
+            sides = [min(augment.draw_box(drafted, scale)[2:]) for _ in range(2000)]
+            assert min(sides) >= size * reduction, (width, height, size, reduction, min(sides))
+    with_locals = data.augmentation(pqcl.Config(local_crops_number=2, local_crops_size=192))  # 0.05-0.4 of the area
+    assert with_locals.draft_reduction(2000, 1500) == 1  # a 192 px local crop can be 335 px wide: never halved
+
+
+def test_drafted_samples_are_deterministic_and_draw_the_full_decodes_boxes(tmp_path):
+    """A 1024 x 768 JPEG through ImageFiles with draft_reduction (reduced 2x for these views) and
+    Augmented: the same (seed, epoch, index) gives the same sample every time, with the boxes,
+    flips, masks and positions of the full-size decode; the views differ only in resampling."""
+    os.makedirs(tmp_path / "c")
+    photo(1024, 768).save(tmp_path / "c" / "photo.jpg", quality=90)
+    augment = data.augmentation(CPU_CFG)
+    drafted = data.Augmented(data.ImageFiles(str(tmp_path), reduction=augment.draft_reduction), augment, seed=3)
+    full = data.Augmented(data.ImageFiles(str(tmp_path)), augment, seed=3)
+    assert isinstance(drafted.source[0][0], data.DraftedImage) and drafted.source[0][0].reduction > 1
+    for epoch in range(3):
+        a, b, c = drafted[epoch, 0], drafted[epoch, 0], full[epoch, 0]
+        tensors = [k for k in a if torch.is_tensor(a[k])]  # all but the count of skipped files
+        assert all(torch.equal(a[k], b[k]) for k in tensors)
+        assert all(torch.equal(a[k], c[k]) for k in tensors if k not in ("globals", "queries"))
+        assert (a["globals"] - c["globals"]).abs().mean() < 0.1  # normalised units: ~5 grey levels

@@ -310,11 +310,12 @@ def train(args, stop_requested):
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
+    augment = data.augmentation(cfg)
     if args.data in data.BUILTIN_DATASETS:
         splits = data.BUILTIN_DATASETS[args.data](cfg.seed, cfg.img_size)
         source = data.InMemoryImages(splits[0][0])
     else:
-        splits, source = None, data.ImageFiles(args.data)
+        splits, source = None, data.ImageFiles(args.data, reduction=augment.draft_reduction)
     num_images = min(args.subset, len(source)) if args.subset else len(source)  # the sampler draws from these
     sampler = data.ResumableSampler(num_images, cfg.batch_size, cfg.seed, rank, world_size)
     if sampler.steps_per_epoch == 0:
@@ -334,7 +335,7 @@ def train(args, stop_requested):
         compile_model(model)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False) if world_size > 1 else model
-    dataset = data.Augmented(source, data.augmentation(cfg), cfg.seed)
+    dataset = data.Augmented(source, augment, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
