@@ -3,7 +3,8 @@
     python compare.py --seeds 0 1 2 --out results/    # the table: ~1 h on 2 CPU cores
     python compare.py --seeds 0 --steps 3 --out /tmp/smoke -- --batch-size 16   # a smoke test
 
-DINO, iBOT, PQCL-DINO and PQCL-iBOT (train_ddp.py --framework dino|ibot --query-weight 0|1)
+DINO, iBOT, iBOT + query-as-local (the paper's fair baseline, Sec. 4.4), PQCL-DINO and PQCL-iBOT
+(train_ddp.py --framework dino|ibot --query-weight 0|1 [--query-as-local])
 with the same architecture, schedules and budget (each built-in set's preset, data.PRESETS,
 read at run time), per seed the same data order and views, on the embedded dataset and
 Fashion-MNIST; then every protocol of evaluate.py on each teacher, a random init and the raw
@@ -19,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -34,13 +36,15 @@ from data import UsageError
 METHODS = {  # row -> train_ddp.py flags; everything else is shared
     "DINO": ["--framework", "dino", "--query-weight", "0"],
     "iBOT": ["--framework", "ibot", "--query-weight", "0"],
+    "iBOT + query-as-local": ["--framework", "ibot", "--query-weight", "0", "--query-as-local"],  # paper Sec. 4.4
     "PQCL-DINO": ["--framework", "dino", "--query-weight", "1"],
     "PQCL-iBOT": ["--framework", "ibot", "--query-weight", "1"],
 }
 BASELINES = ("random init", "raw pixels")
+PAIRED = {"PQCL-DINO": ("DINO",), "PQCL-iBOT": ("iBOT", "iBOT + query-as-local")}  # PQCL row -> its baselines
 COLUMNS = {**evaluate.METRICS, "images_per_s": "pretrain img/s"}  # metric -> table header
-COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "subset", "output_dir", "resume", "max_steps",
-                 "eval", "export")  # train_ddp.py settings the comparison sets itself
+COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "query_as_local", "subset", "output_dir", "resume",
+                 "max_steps", "eval", "export")  # train_ddp.py settings the comparison sets itself
 
 
 class PretrainingStopped(Exception):
@@ -52,7 +56,7 @@ class PretrainingStopped(Exception):
 
 
 def run_folder(out, dataset, row, seed):
-    return os.path.join(out, dataset, row.lower().replace(" ", "-"), f"seed{seed}")
+    return os.path.join(out, dataset, re.sub(r"[^a-z0-9]+", "-", row.lower()), f"seed{seed}")
 
 
 def pretrain(run_dir, dataset, seed, method_flags, subset, train_args):
@@ -103,14 +107,39 @@ def summarize(results):
             for row, runs in results.items()}
 
 
-def markdown_table(summary):
-    """One dataset's summary -> a markdown table, mean +- std over seeds."""
+def paired_differences(results):
+    """{row: [evaluation per seed]} -> {"PQCL row - baseline": {metric: {mean, std, se,
+    beyond_noise, values}}}: per seed, the PQCL row's figure minus its baseline's (the same
+    seed: the same data order, views and initialisation), then the mean and the sample std
+    over seeds; beyond_noise when |mean| exceeds two standard errors (std / sqrt(seeds))."""
+    differences = {}
+    for row, baselines in PAIRED.items():
+        for baseline in baselines:
+            if row not in results or baseline not in results:
+                continue
+            per_metric = {}
+            for metric in evaluate.METRICS:
+                if metric not in results[row][0]:
+                    continue
+                values = [ours[metric] - theirs[metric] for ours, theirs in zip(results[row], results[baseline])]
+                stats = mean_std(values)
+                stats["se"] = stats["std"] / math.sqrt(len(values)) if stats["std"] is not None else None
+                stats["beyond_noise"] = stats["se"] is not None and abs(stats["mean"]) > 2 * stats["se"]
+                per_metric[metric] = stats
+            differences[f"{row} - {baseline}"] = per_metric
+    return differences
+
+
+def markdown_table(summary, marked=None):
+    """{row: {metric: stats}} -> a markdown table, mean +- std over seeds; a * after the cells
+    whose stats[marked] is true."""
     columns = [metric for metric in COLUMNS if any(metric in metrics for metrics in summary.values())]
 
     def cell(stats):
         if stats is None:
             return "-"
-        return f"{stats['mean']:.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
+        return (f"{stats['mean']:+.1f}" if marked else f"{stats['mean']:.1f}") + (
+            f" ± {stats['std']:.1f}" if stats["std"] is not None else "") + ("*" if marked and stats[marked] else "")
 
     lines = ["| method | " + " | ".join(COLUMNS[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {row} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |"
@@ -190,7 +219,8 @@ def compare(args, train_args, command):
               "rows_s": sum(run.get("pretrain_s", 0.0) + run["eval_s"]  # every invocation's pretraining + evaluation
                             for rows in results.values() for runs in rows.values() for run in runs),
               "configs": {dataset: dataclasses.asdict(cfg) for dataset, cfg in configs.items()},
-              "results": {dataset: summarize(results[dataset]) for dataset in args.datasets}}
+              "results": {dataset: summarize(results[dataset]) for dataset in args.datasets},
+              "paired_differences": {dataset: paired_differences(results[dataset]) for dataset in args.datasets}}
     write_report(report, args.out)
     return report
 
@@ -209,7 +239,9 @@ def write_report(report, out):
              f"{train_ddp.format_duration(report['wall_s'])}"
              + (f" ({report['rows_done_before']} rows evaluated before)" if report["rows_done_before"] else "") + "."]
     for dataset, summary in report["results"].items():
-        lines += ["", f"**{dataset}**", "", markdown_table(summary)]
+        lines += ["", f"**{dataset}**", "", markdown_table(summary), "",
+                  "Paired differences, seed by seed (mean ± std over seeds; * beyond two standard errors):", "",
+                  markdown_table(report["paired_differences"][dataset], marked="beyond_noise")]
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

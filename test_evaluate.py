@@ -251,7 +251,7 @@ def check_benchmark_rows(out, report, dataset):
         checkpoint = torch.load(os.path.join(compare.run_folder(out, dataset, row, 0), "checkpoint.pth"),
                                 weights_only=True)
         assert checkpoint["step"] == 2
-        configs.append({k: v for k, v in checkpoint["config"].items() if k not in ("framework", "query_weight")})
+        configs.append({k: v for k, v in checkpoint["config"].items() if k not in ("framework", "query_weight", "query_as_local")})
     assert all(config == configs[0] for config in configs)
     with open(os.path.join(out, "comparison.md")) as f:
         table = f.read()
@@ -281,7 +281,7 @@ def test_benchmark_resumes(tiny_benchmark, capsys):
     with small_embedded():
         assert compare.main(argv) == 0
     printed = capsys.readouterr().out
-    assert sum(line.endswith(": done before") for line in printed.splitlines()) == len(BENCHMARK_DATASETS) * 6 - 1
+    assert sum(line.endswith(": done before") for line in printed.splitlines()) == len(BENCHMARK_DATASETS) * (len(compare.METHODS) + len(compare.BASELINES)) - 1
     after = read_json(run_dir, "evaluation.json")
     assert {k: after[k] for k in compare.COLUMNS if k != "images_per_s"} == \
            {k: before[k] for k in compare.COLUMNS if k != "images_per_s"}
@@ -308,3 +308,25 @@ def test_cli_on_benchmark_checkpoints_matches_benchmark(tiny_benchmark, tmp_path
     assert read_json(run_dir, "knn-embedded.json")["knn_top1_k20"] == expected["knn_top1_k20"]
 
 
+
+
+def test_paired_differences_by_hand():
+    """PQCL row minus its baseline seed by seed; mean, sample std, standard error and the
+    two-standard-error verdict computed by hand (3 seeds)."""
+    def runs(*values):
+        return [{"knn_top1_k20": v, "linear_top1": 50.0} for v in values]
+
+    results = {"iBOT": runs(20.0, 22.0, 21.0), "PQCL-iBOT": runs(25.0, 26.0, 28.0), "DINO": runs(10.0, 10.0, 10.0),
+               "PQCL-DINO": runs(11.0, 9.0, 10.0)}
+    differences = compare.paired_differences(results)
+    assert set(differences) == {"PQCL-iBOT - iBOT", "PQCL-DINO - DINO"}  # no iBOT + query-as-local row here
+    ibot = differences["PQCL-iBOT - iBOT"]["knn_top1_k20"]
+    deltas = [5.0, 4.0, 7.0]
+    mean = sum(deltas) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in deltas) / 2)
+    assert ibot["values"] == deltas and ibot["mean"] == pytest.approx(mean) and ibot["std"] == pytest.approx(std)
+    assert ibot["se"] == pytest.approx(std / math.sqrt(3)) and ibot["beyond_noise"]  # 5.33 > 2 x 0.88
+    dino = differences["PQCL-DINO - DINO"]["knn_top1_k20"]
+    assert dino["mean"] == pytest.approx(0.0) and not dino["beyond_noise"]
+    assert differences["PQCL-iBOT - iBOT"]["linear_top1"]["std"] == 0.0
+    assert not differences["PQCL-iBOT - iBOT"]["linear_top1"]["beyond_noise"]  # no difference is no effect
