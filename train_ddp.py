@@ -64,6 +64,12 @@ def build_parser():
                           "bounds GPU training: bench.py measures the images/s of one worker")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
+    run.add_argument("--knn-data",
+                     help="k-NN monitor: a built-in set (its test split) or ROOT with train/ and val/ ImageFolder "
+                          "trees, e.g. a per-class subset of ImageNet (README); needs --knn-every")
+    run.add_argument("--knn-every", type=int, default=0,
+                     help="every this many epochs, the teacher's k-NN top-1 (k 20) on --knn-data, in log.jsonl as "
+                          "knn_top1 (0: off, the default)")
     run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                      help="write the teacher backbone of CKPT to OUT (timm names) and exit")
     method = parser.add_argument_group("method (pqcl.Config; defaults from --preset)")
@@ -227,21 +233,22 @@ class Progress:
         self.run_start = self.interval_start = time.perf_counter()
         self.skipped = 0
 
-    def write(self, step, epoch, losses, skipped, interval_steps, schedule, student_temp, peak_memory):
-        """`losses`: the interval's mean loss terms; `schedule`: the values of its last step."""
+    def write(self, step, epoch, losses, skipped, interval_steps, schedule, student_temp, peak_memory, **extra):
+        """`losses`: the interval's mean loss terms; `schedule`: the values of its last step;
+        `extra`: figures measured at this step (knn_top1), logged and shown as they are."""
         now = time.perf_counter()
         step_time = (now - self.interval_start) / interval_steps
         self.interval_start, self.skipped = now, self.skipped + skipped
         record = {"step": step, "epoch": epoch, **losses, "lr": schedule["lr"], "weight_decay": schedule["weight_decay"],
                   "momentum": schedule["momentum"], "teacher_temp": schedule["teacher_temp"],
                   "student_temp": student_temp, "images_per_s": self.global_batch / step_time,
-                  "step_time_s": step_time, "peak_memory_mb": peak_memory, "skipped_images": self.skipped}
+                  "step_time_s": step_time, "peak_memory_mb": peak_memory, "skipped_images": self.skipped, **extra}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         eta = (now - self.run_start) / (step - self.start_step) * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} ep {epoch} | loss {losses['loss']:.3f} (cls {losses['cls']:.3f} "
                 f"patch {losses['patch']:.3f} query {losses['query']:.3f}) | {record['images_per_s']:.1f} img/s | "
-                f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
+                f"ETA {format_duration(eta)}" + "".join(f" | {name} {value:.1f}" for name, value in extra.items()) + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
         print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
     def finish(self, step):
@@ -337,10 +344,13 @@ def train(args, stop_requested):
                                          f"{args.output_dir} is untouched. Lower --lr or use --precision fp32.")
             stop = totals["stop"] > 0
             if log_now or stop:
+                knn_now = args.knn_every and step % (args.knn_every * steps_per_epoch) == 0  # all ranks extract
+                monitor = {"knn_top1": evaluate.knn_monitor(model.teacher.backbone, args.knn_data, cfg.img_size,
+                                                            cfg.seed, workers)} if knn_now else {}
                 if log is not None:
                     means = {name: totals[name] / (interval_steps * world_size) for name in LOSS_TERMS}
                     log.write(step, epoch, means, int(totals["skipped"]), interval_steps, schedule, cfg.student_temp,
-                              peak_memory_mb(device))
+                              peak_memory_mb(device), **monitor)
                 running = {name: torch.zeros_like(total) for name, total in running.items()}
                 interval_steps = 0
             if (save_now or stop) and rank == 0:
@@ -359,9 +369,18 @@ def train(args, stop_requested):
     return cfg, splits
 
 
+def check_knn_flags(args):
+    """--knn-every and --knn-data go together; a ROOT must hold matching train/ and val/."""
+    if args.knn_every < 0 or bool(args.knn_every) != bool(args.knn_data):
+        raise UsageError("--knn-every EPOCHS (at least 1) and --knn-data ROOT go together; give both or neither")
+    if args.knn_data and args.knn_data not in data.BUILTIN_DATASETS:
+        data.image_folder_splits(args.knn_data, "--knn-data")
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        check_knn_flags(args)
         if args.export:
             checkpoints.export_backbone(*args.export)
             print(f"wrote the teacher backbone of {args.export[0]} to {args.export[1]}")
