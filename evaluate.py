@@ -6,6 +6,8 @@
     python evaluate.py all runs/embedded/checkpoint.pth --out eval.json   # every protocol, one forward pass
     python evaluate.py all pixels --data fashion-mnist           # raw-pixel baseline
     python evaluate.py all random --seed 1                       # random init of the preset architecture
+    python evaluate.py knn runs/vits16/checkpoint.pth --data /imagenet   # DINO's k-NN on ROOT/train, ROOT/val
+    torchrun --nproc_per_node=8 evaluate.py linear runs/vits16/checkpoint.pth --data /imagenet   # DINO's linear
 
 The backbone is a checkpoint.pth or an exported backbone.pth of train_ddp.py (its frozen
 teacher), `pixels` (the raw pixels in [0, 1] as features) or `random` (the built-in preset's
@@ -28,6 +30,11 @@ Protocols (pure functions below: features in, numbers out)
             against the embedded dataset's label maps (0 = background, 1 + class on the shape).
             mIoU over the classes present in the test maps (background included), pixel accuracy.
 The raw-pixel row uses the flattened image for knn/linear and each patch's 3 P^2 pixels for dense.
+
+On --data ROOT (train/ and val/ ImageFolder trees) knn and linear follow DINO's eval_knn.py and
+eval_linear.py instead (knn_on_datasets, linear_on_datasets), one shard of the images per rank
+under torchrun; the vote (knn_correct), the probe's loop (train_probe) and the frozen features
+(frozen_tokens) are the same code as above.
 """
 import argparse
 import functools
