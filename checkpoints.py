@@ -102,7 +102,10 @@ def export_backbone(checkpoint_path, out_path):
 def backbone_from_checkpoint(path):
     """A checkpoint.pth or an exported backbone.pth -> (teacher VisionTransformer, Config or None)."""
     checkpoint = load_checkpoint(path)
-    state = backbone_state(checkpoint)
+    state = backbone_state(checkpoint) if isinstance(checkpoint, dict) else {}
+    if not {"pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= set(state):
+        raise UsageError(f"{path}: not a PQCL checkpoint or backbone (no ViT weights with timm's names); "
+                         "pass the checkpoint.pth or backbone.pth that train_ddp.py wrote")
     cfg = pqcl.Config(**checkpoint["config"]) if "config" in checkpoint else None
     embed_dim = state["pos_embed"].shape[-1]
     arch = cfg.arch if cfg else next((a for a, (d, _, _) in pqcl.ARCHS.items() if d == embed_dim), None)

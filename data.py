@@ -3,6 +3,7 @@
     built-in sets    the embedded shapes (generated, with per-pixel labels) and Fashion-MNIST
                      (Debian's IDX files), each with the CPU preset that learns on it in minutes
     ImageFolder      any tree of image files (ImageNet's train/), unreadable files skipped
+    evaluation sets  ROOT/train and ROOT/val ImageFolder trees with labels, DINO's preprocessing
     SeededSamples    (epoch, index) -> the augmented sample, seeded by (seed, epoch, index) alone
     ResumableSampler each rank's share of a seeded permutation, from any step of any epoch
 
@@ -24,6 +25,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
+from torchvision.datasets import ImageFolder
 
 import pqcl
 
@@ -261,6 +263,73 @@ class InMemoryImages(Dataset):
 
     def __getitem__(self, index):
         return self.images[index], 0
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation images: ROOT/train and ROOT/val ImageFolder trees with class labels
+# --------------------------------------------------------------------------------------
+
+
+def eval_transform(img_size):
+    """DINO's evaluation preprocessing scaled to `img_size` (256 -> 224 at 224 px): PIL image ->
+    short side resized to 256/224 of img_size (bicubic), centre crop -> uint8 (3, S, S). The
+    ImageNet normalisation follows on the device (evaluate.frozen_tokens), as for built-in sets."""
+    return T.Compose([T.Resize(round(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size), T.PILToTensor()])
+
+
+def linear_train_transform(img_size):
+    """DINO's linear-probe training augmentation: PIL image -> uint8 (3, S, S)."""
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def labelled_sample(transform, image_and_label):
+    """(PIL image, class index) -> {"images": transform(image), "labels": class index}: the
+    augment of an Augmented ClassifiedImages (a module-level function: workers can pickle it)."""
+    image, label = image_and_label
+    return {"images": transform(image), "labels": label}
+
+
+class ClassifiedImages(Dataset):
+    """A torchvision ImageFolder's files, its transform left out, as an Augmented source:
+    index -> ((PIL image, class index), 0 files passed over)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        path, label = self.folder.samples[index]
+        return (self.folder.loader(path), label), 0
+
+
+def image_folder_splits(root, flag="--data", transform=None):
+    """ROOT/train and ROOT/val, ImageFolder trees with the same class folders, none empty ->
+    (train, val) torchvision ImageFolders: index -> (transform(PIL image), class index)."""
+    fix = "give a folder holding train/ and val/ ImageFolder trees (one subfolder per class, the same in both)"
+    splits = {}
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise UsageError(f"{flag} {root}: has no {split}/ folder; {fix}")
+        classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        if not classes:
+            raise UsageError(f"{flag} {root}: {split}/ holds no class folders; {fix}")
+        splits[split] = ImageFolder(path, transform=transform, allow_empty=True)
+        counts = torch.bincount(torch.tensor(splits[split].targets, dtype=torch.long), minlength=len(classes))
+        empty = [name for name, count in zip(splits[split].classes, counts.tolist()) if count == 0]
+        if empty:
+            raise UsageError(f"{flag} {root}: {split}/{empty[0]} holds no images"
+                             f"{f' (nor {len(empty) - 1} other classes)' if len(empty) > 1 else ''}; "
+                             "add images or remove the class from both train/ and val/")
+    train, val = splits["train"], splits["val"]
+    if train.classes != val.classes:
+        only_train, only_val = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
+        raise UsageError(f"{flag} {root}: train/ and val/ have different class folders (only in train/: "
+                         f"{only_train[:3] or 'none'}, only in val/: {only_val[:3] or 'none'}); make them the same")
+    return train, val
 
 
 # --------------------------------------------------------------------------------------

@@ -520,10 +520,18 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images):
         """Teacher / downstream: images (B, 3, h, w) -> all tokens after the final norm (B, R, D)."""
+        return self.get_intermediate_layers(images, 1)[0]
+
+    def get_intermediate_layers(self, images, n=1):
+        """DINO's hook for its linear probe: images (B, 3, h, w) -> the tokens after each of the
+        last n blocks, each through the final norm: a list of n tensors (B, R, D), deepest last."""
         x = self.embed(images)
-        for block in self.blocks:
+        layers = []
+        for i, block in enumerate(self.blocks):
             x = block(x, x.shape[1])
-        return self.norm(x)
+            if i >= len(self.blocks) - n:
+                layers.append(self.norm(x))
+        return layers
 
     def forward_student(self, images, query_pos=None, mask=None):
         """Student: images (B, 3, S, S), query_pos (B, Q, L, 2) or None, mask (B, G, G) or None

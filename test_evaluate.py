@@ -10,11 +10,16 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import checkpoints
 import compare
 import data
 import evaluate
@@ -63,8 +68,33 @@ def test_knn_matches_brute_force_in_chunks(k):
     train_labels = torch.randint(4, (60,), generator=gen)
     reference = brute_force_knn(train, train_labels, test, k, 0.07)
     train, test = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
-    assert evaluate.knn_top1(train, train_labels, test, reference, k, 0.07, chunk=7) == 100.0
-    assert evaluate.knn_top1(train, train_labels, test, (reference + 1) % 4, k, 0.07, chunk=7) == 0.0
+    assert evaluate.knn_scores(train, train_labels, test, reference, (k,), 0.07, chunk=7) == {f"knn_top1_k{k}": 100.0}
+    assert evaluate.knn_scores(train, train_labels, test, (reference + 1) % 4, (k,), 0.07, chunk=7) == \
+        {f"knn_top1_k{k}": 0.0}
+
+
+def test_knn_top5_and_several_k_match_brute_force():
+    """knn_correct's top-5 counts (k = 3, 10, 30 from one search of the 30 nearest, chunk 5)
+    against the loop's full ranking of the votes: label = the loop's 5th choice is a top-5 hit,
+    the 6th is not."""
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    train_labels = torch.randint(7, (60,), generator=gen)
+    ks = (3, 10, 30)
+    unit_train, unit_test = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
+    for row, k in enumerate(ks):
+        for choice, hit in ((4, True), (5, False)):
+            labels = []
+            for query in test:
+                sims = (train @ query / (train.norm(dim=1) * query.norm())).tolist()
+                votes = collections.defaultdict(float)
+                for i in sorted(range(60), key=lambda i: -sims[i])[:k]:
+                    votes[int(train_labels[i])] += math.exp(sims[i] / 0.07)
+                ranking = sorted(range(7), key=lambda c: -votes.get(c, 0.0))  # unvoted classes last
+                labels.append(ranking[choice] if choice < len(votes) else -1)
+            labels = torch.tensor(labels)
+            correct = evaluate.knn_correct(unit_train, train_labels, unit_test, labels, ks, 0.07, 7, chunk=5)
+            assert correct[row, 1] == ((labels >= 0).sum() if hit else 0), (k, choice)
 
 
 def test_segmentation_scores_by_hand():
@@ -169,7 +199,7 @@ def fashion_mnist_missing(tmp_path):
 
 @pytest.mark.parametrize("main,argv,says", [
     (evaluate.main, ["knn", "no/such/checkpoint.pth"], "no/such/checkpoint.pth: no such file"),
-    (evaluate.main, ["linear", "pixels", "--data", "imagenet"], "invalid choice"),
+    (evaluate.main, ["linear", "pixels", "--data", "imagenet"], "--data imagenet: neither a built-in set"),
     (evaluate.main, ["knn", "pixels", "--train-images", "5"], "--train-images 5"),
     (evaluate.main, ["knn", "pixels", "--", "--depth", "1"], "unrecognized arguments"),
     (compare.main, ["--steps", "0"], "--steps 0"),
@@ -308,8 +338,6 @@ def test_cli_on_benchmark_checkpoints_matches_benchmark(tiny_benchmark, tmp_path
     assert read_json(run_dir, "knn-embedded.json")["knn_top1_k20"] == expected["knn_top1_k20"]
 
 
-
-
 def test_paired_differences_by_hand():
     """PQCL row minus its baseline seed by seed; mean, sample std, standard error and the
     two-standard-error verdict computed by hand (3 seeds)."""
@@ -330,3 +358,219 @@ def test_paired_differences_by_hand():
     assert dino["mean"] == pytest.approx(0.0) and not dino["beyond_noise"]
     assert differences["PQCL-iBOT - iBOT"]["linear_top1"]["std"] == 0.0
     assert not differences["PQCL-iBOT - iBOT"]["linear_top1"]["beyond_noise"]  # no difference is no effect
+
+
+# --------------------------------------------------------------------------------------
+# --data ROOT: DINO's protocols on ImageFolder trees, one process and torchrun
+# --------------------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+EVALUATE = os.path.join(REPO, "evaluate.py")
+FOLDER_SIZE = 32  # the tiny backbone's resolution: 4 x 4 patches of 8 px
+COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def write_jpeg_folder(root, per_class=(7, 3), separable=False):
+    """ROOT/train and ROOT/val with 3 classes of 40 x 48 JPEGs (21 and 9 images: shards of 2 ranks
+    are unequal). separable: each class is noise around its own colour; else pure noise."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for label, colour in enumerate(COLOURS):
+            os.makedirs(os.path.join(root, split, f"class{label}"), exist_ok=True)
+            for i in range(count):
+                pixels = (np.array(colour) + rng.normal(0, 40, (40, 48, 3))) if separable else rng.uniform(0, 255, (40, 48, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    os.path.join(root, split, f"class{label}", f"{i}.jpg"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("noise"))
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("colours"), separable=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    """An exported backbone.pth: a random 2-block ViT-Tiny at 32 px, patch 8."""
+    torch.manual_seed(0)
+    vit = randomize_(pqcl.build_backbone("vit_tiny", 2, img_size=FOLDER_SIZE, patch_size=8))
+    path = str(tmp_path_factory.mktemp("backbone") / "backbone.pth")
+    checkpoints.save_atomic(checkpoints.backbone_state(vit.state_dict()), path)
+    return path
+
+
+KNN_ARGS = ["--ks", "1", "5", "10", "--workers", "0", "--batch-size", "4"]
+LINEAR_ARGS = ["--workers", "0", "--n-last-blocks", "2", "--lr", "2", "--val-every", "1"]
+
+
+def torchrun(argv, processes=2):
+    """`torchrun --nproc-per-node=2 evaluate.py ARGV` on gloo, one thread per process."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(processes), EVALUATE, *argv], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def preprocessed_split(root, split):
+    """Every image of ROOT/split through DINO's preprocessing, read independently of ImageFolder:
+    (uint8 images (n, 3, S, S), labels (n,)), classes and files in sorted order."""
+    images, labels = [], []
+    for label, name in enumerate(sorted(os.listdir(os.path.join(root, split)))):
+        for file in sorted(os.listdir(os.path.join(root, split, name))):
+            with Image.open(os.path.join(root, split, name, file)) as image:
+                images.append(data.eval_transform(FOLDER_SIZE)(image.convert("RGB")))
+                labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def test_dino_preprocessing_resizes_the_short_side_and_crops_the_centre():
+    """256/224 of the image size on the short side (bicubic), then the central S x S."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    resized = image.resize((44, 37), Image.BICUBIC)  # 32 * 256 / 224 = 36.6 -> 37 rows, 48 * 37 / 40 = 44.4 cols
+    expected = torch.from_numpy(np.asarray(resized.crop((6, 2, 38, 34))).copy()).permute(2, 0, 1)
+    assert torch.equal(data.eval_transform(32)(image), expected)
+
+
+def test_image_folder_knn_equals_in_memory_knn(noise_folder, tiny_backbone, tmp_path):
+    """`knn --data ROOT` reports the in-memory k-NN (knn_scores on backbone_features) of the same
+    preprocessed images, top-1 for each k; the figures are not trivial (noise images)."""
+    out = tmp_path / "knn.json"
+    assert evaluate.main(["knn", tiny_backbone, "--data", noise_folder, *KNN_ARGS, "--out", str(out)]) == 0
+    result = read_json(out)
+    backbone, _ = checkpoints.backbone_from_checkpoint(tiny_backbone)
+    (train_images, train_labels), (val_images, val_labels) = (preprocessed_split(noise_folder, s) for s in ("train", "val"))
+    expected = evaluate.knn_scores(backbone_features_of(backbone, train_images), train_labels,
+                                   backbone_features_of(backbone, val_images), val_labels, ks=(1, 5, 10))
+    assert {k: result[k] for k in expected} == expected
+    assert result["train_images"] == 21 and result["val_images"] == 9
+    assert any(0 < value < 100 for value in expected.values()), expected
+    assert all(result[f"knn_top5_k{k}"] == 100.0 for k in (1, 5, 10))  # 3 classes: all in the top 5
+
+
+def backbone_features_of(backbone, images):
+    return evaluate.backbone_features(backbone, images, keep_patches=False)["image"]
+
+
+def test_image_folder_knn_under_torchrun_equals_one_process(noise_folder, tiny_backbone, tmp_path):
+    """2 gloo processes, each extracting its shard (21 and 9 images: unequal shards), report
+    exactly the 1-process figures."""
+    argv = ["knn", tiny_backbone, "--data", noise_folder, *KNN_ARGS]
+    assert evaluate.main([*argv, "--out", str(tmp_path / "one.json")]) == 0
+    torchrun([*argv, "--out", str(tmp_path / "two.json")])
+    one, two = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
+    assert two["world_size"] == 2
+    assert {k: v for k, v in one.items() if k.startswith("knn_top")} == {k: v for k, v in two.items()
+                                                                         if k.startswith("knn_top")}
+
+
+def probe_weights(out):
+    return torch.load(evaluate.probe_checkpoint_path(str(out)), weights_only=True)["probe"]
+
+
+def initial_probe(backbone_path, n_last_blocks=2, seed=0):
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(192 * n_last_blocks, 3)
+    torch.nn.init.normal_(probe.weight, std=0.01)
+    return probe.weight.detach()
+
+
+def test_linear_under_torchrun_equals_one_process_on_the_same_global_batch(noise_folder, tiny_backbone, tmp_path):
+    """2 processes x batch 4 == 1 process x batch 8 (same global batches, same per-sample
+    augmentation): the probe's weights after 2 epochs of 2 steps agree to 1e-6, 1000 x below
+    how far they moved; the validation figures are equal."""
+    argv = ["linear", tiny_backbone, "--data", noise_folder, *LINEAR_ARGS, "--epochs", "2"]
+    assert evaluate.main([*argv, "--batch-size", "8", "--out", str(tmp_path / "one.json")]) == 0
+    torchrun([*argv, "--batch-size", "4", "--out", str(tmp_path / "two.json")])
+    one, two = probe_weights(tmp_path / "one.json"), probe_weights(tmp_path / "two.json")
+    moved = (one["weight"] - initial_probe(tiny_backbone)).abs().max()
+    assert moved > 1e-3, moved
+    assert_states_equal_within(one, two, atol=1e-6)
+    assert read_json(tmp_path / "one.json")["history"] == read_json(tmp_path / "two.json")["history"]
+
+
+def assert_states_equal_within(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0.0, msg=name)
+
+
+class Killed(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+def test_linear_killed_then_resumed_equals_uninterrupted(noise_folder, tiny_backbone, tmp_path):
+    """A probe killed after its first epoch's checkpoint and continued with --resume ends with the
+    same weights, optimizer state and history as an uninterrupted run."""
+    argv = ["linear", tiny_backbone, "--data", noise_folder, *LINEAR_ARGS, "--epochs", "3", "--batch-size", "8"]
+    assert evaluate.main([*argv, "--out", str(tmp_path / "whole.json")]) == 0
+    save = checkpoints.save_atomic
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise Killed
+
+    with mock.patch.object(checkpoints, "save_atomic", side_effect=save_then_die), pytest.raises(Killed):
+        evaluate.main([*argv, "--out", str(tmp_path / "cut.json")])
+    assert not (tmp_path / "cut.json").exists()
+    assert evaluate.main([*argv, "--out", str(tmp_path / "cut.json"), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("whole", "cut"))
+    assert whole["epoch"] == cut["epoch"] == 3
+    assert_states_equal_within(whole["probe"], cut["probe"], atol=0.0)
+    assert torch.equal(whole["optimizer"]["state"][0]["momentum_buffer"], cut["optimizer"]["state"][0]["momentum_buffer"])
+    assert read_json(tmp_path / "whole.json")["history"] == read_json(tmp_path / "cut.json")["history"]
+
+
+def test_linear_reaches_100_percent_on_separable_classes(colour_folder, tiny_backbone, tmp_path):
+    """Classes of distinct colours are linearly separable in a random ViT's [CLS]: the probe
+    (with the average-pooled patch tokens) classifies every validation image after 4 epochs,
+    up from chance at its random initialisation."""
+    out = tmp_path / "linear.json"
+    assert evaluate.main(["linear", tiny_backbone, "--data", colour_folder, *LINEAR_ARGS, "--epochs", "4",
+                          "--batch-size", "7", "--avgpool-patchtokens", "--out", str(out)]) == 0
+    result = read_json(out)
+    assert result["linear_top1"] == result["best_top1"] == 100.0, result["history"]
+    assert [record["epoch"] for record in result["history"]] == [1, 2, 3, 4]
+
+
+def break_folder(root, how):
+    """A copy of a good ROOT broken one way."""
+    write_jpeg_folder(root, per_class=(2, 1))
+    if how == "no val":
+        os.rename(root / "val", root / "validation")
+    elif how == "other classes":
+        os.rename(root / "val" / "class2", root / "val" / "dog")
+    elif how == "empty class":
+        for file in os.listdir(root / "train" / "class1"):
+            os.remove(root / "train" / "class1" / file)
+    return str(root)
+
+
+@pytest.mark.parametrize("how,extra,says", [
+    ("no val", [], "has no val/ folder"),
+    ("other classes", [], "different class folders (only in train/: ['class2'], only in val/: ['dog'])"),
+    ("empty class", [], "train/class1 holds no images"),
+    ("good", ["--img-size", "30"], "--img-size 30: the checkpoint's patch size is 8; pick a multiple of it (e.g. 32)"),
+    ("not pqcl", [], "not a PQCL checkpoint or backbone"),
+    ("good", ["--resume"], "no checkpoint there"),
+])
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_bad_image_folder_input_is_one_line_exit_2_and_writes_nothing(command, how, extra, says, tiny_backbone,
+                                                                      tmp_path, capsys):
+    if command == "knn" and extra == ["--resume"]:
+        pytest.skip("--resume is the linear probe's")
+    root = break_folder(tmp_path / "root", how)
+    backbone = tiny_backbone
+    if how == "not pqcl":
+        backbone = str(tmp_path / "resnet.pth")
+        torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, backbone)
+    out = tmp_path / "out" / "result.json"
+    fits_the_tiny_folder = {"knn": ["--ks", "1"], "linear": ["--n-last-blocks", "1"]}[command]
+    status, err = run_main(evaluate.main, [command, backbone, "--data", root, "--workers", "0", *fits_the_tiny_folder,
+                                           *extra, "--out", str(out)], capsys)
+    assert status == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "out").exists()

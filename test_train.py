@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 import checkpoints
 import data
+import evaluate
 import pqcl
 import train_ddp
 
@@ -164,8 +165,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_images, tm
     forward = pqcl.PQCL.forward
     calls = []
 
-    def nan_from_step_3(self, batch, teacher_temp=None):
-        out = forward(self, batch, teacher_temp)
+    def nan_from_step_3(self, batch, teacher_temp=None, monitor=False):
+        out = forward(self, batch, teacher_temp, monitor)
         calls.append(1)
         return {k: v * float("nan") for k, v in out.items()} if len(calls) >= 3 else out
 
@@ -471,3 +472,37 @@ def test_drafted_samples_are_deterministic_and_draw_the_full_decodes_boxes(tmp_p
         assert all(torch.equal(a[k], b[k]) for k in tensors)
         assert all(torch.equal(a[k], c[k]) for k in tensors if k not in ("globals", "queries"))
         assert (a["globals"] - c["globals"]).abs().mean() < 0.1  # normalised units: ~5 grey levels
+
+
+def test_knn_monitor_logs_the_teachers_knn_at_its_cadence_and_costs_nothing_when_off(tiny_images, tmp_path):
+    """--knn-every 1 --knn-data embedded (cut to 64 / 24 images): knn_top1 in log.jsonl at the end
+    of each epoch only (steps 4 and 8), the last equal to the k-NN (k 20) of the final teacher on
+    the embedded test split computed in memory; off by default: the monitor never runs."""
+    common = [*TINY_RUN, "--data", tiny_images, "--batch-size", "8"]
+    evaluate.evaluation_sets.cache_clear()  # read the embedded set at the size set below
+    with mock.patch.multiple(data, EMBEDDED_TRAIN=64, EMBEDDED_TEST=24):
+        assert train_ddp.main([*common, "--output-dir", str(tmp_path / "on"), "--knn-every", "1",
+                               "--knn-data", "embedded"]) == 0
+        (train_images, train_labels, _), (test_images, test_labels, _) = data.embedded_splits(0, 32)
+    records = read_log(tmp_path / "on")
+    assert [r["step"] for r in records if "knn_top1" in r] == [4, 8] and len(records) == 8
+    backbone, _ = checkpoints.backbone_from_checkpoint(str(tmp_path / "on" / "checkpoint.pth"))
+    features = [evaluate.backbone_features(backbone, images, keep_patches=False)["image"]
+                for images in (train_images, test_images)]
+    expected = evaluate.knn_scores(features[0], train_labels, features[1], test_labels, ks=(20,))["knn_top1_k20"]
+    assert records[-1]["knn_top1"] == expected
+    with mock.patch.object(evaluate, "knn_monitor", side_effect=AssertionError("the monitor ran")):
+        assert train_ddp.main([*common, "--output-dir", str(tmp_path / "off")]) == 0
+    assert not any("knn_top1" in r for r in read_log(tmp_path / "off"))
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--knn-every", "1"], "--knn-every EPOCHS (at least 1) and --knn-data ROOT go together"),
+    (["--knn-data", "embedded"], "go together"),
+    (["--knn-every", "1", "--knn-data", "no/such/root"], "--knn-data no/such/root: has no train/ folder"),
+])
+def test_knn_monitor_bad_flags_exit_2_before_anything_is_written(argv, says, tmp_path, capsys):
+    assert train_ddp.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "out").exists()

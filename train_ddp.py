@@ -65,6 +65,12 @@ def build_parser():
                           "bounds GPU training: bench.py measures the images/s of one worker")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
+    run.add_argument("--knn-data",
+                     help="k-NN monitor: a built-in set (its test split) or ROOT with train/ and val/ ImageFolder "
+                          "trees, e.g. a per-class subset of ImageNet (README); needs --knn-every")
+    run.add_argument("--knn-every", type=int, default=0,
+                     help="every this many epochs, the teacher's k-NN top-1 (k 20) on --knn-data, in log.jsonl as "
+                          "knn_top1 (0: off, the default)")
     run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
                      help="write the teacher backbone of CKPT to OUT (timm names) and exit")
     method = parser.add_argument_group("method (pqcl.Config; defaults from --preset)")
@@ -264,8 +270,9 @@ class Progress:
         self.skipped = 0
 
     def write(self, step, epoch, losses, monitors, skipped, interval_steps, schedule, student_temp, peak_memory):
-        """`losses`: the interval's mean loss terms; `monitors`: the collapse monitors of its
-        last step (entropy_T, kl_T, effective_rank); `schedule`: the values of its last step."""
+        """`losses`: the interval's mean loss terms; `monitors`: what was measured at its last
+        step (the collapse monitors entropy_T, kl_T, effective_rank; knn_top1 if it was run);
+        `schedule`: the values of its last step."""
         now = time.perf_counter()
         step_time = (now - self.interval_start) / interval_steps
         self.interval_start, self.skipped = now, self.skipped + skipped
@@ -282,6 +289,7 @@ class Progress:
                 + "".join(f"H(t)/KL {term} {monitors[f'entropy_{term}']:.2f}/{monitors[f'kl_{term}']:.2f} | "
                           for term in MONITORED if f"entropy_{term}" in monitors)
                 + (f"rank {monitors['effective_rank']:.1f} | " if "effective_rank" in monitors else "")
+                + (f"k-NN {monitors['knn_top1']:.1f} | " if "knn_top1" in monitors else "")
                 + f"{record['images_per_s']:.1f} img/s | "
                 f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
         print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
@@ -387,6 +395,9 @@ def train(args, stop_requested):
                 monitors = {name: totals[name] / world_size for name in monitors}
                 if log_now:
                     monitors["effective_rank"] = global_batch_rank(terms["teacher_cls_tokens"])
+                if args.knn_every and step % (args.knn_every * steps_per_epoch) == 0:  # all ranks extract
+                    monitors["knn_top1"] = evaluate.knn_monitor(model.teacher.backbone, args.knn_data, cfg.img_size,
+                                                                cfg.seed, workers)
                 if log is not None:
                     means = {name: totals[name] / (interval_steps * world_size) for name in LOSS_TERMS}
                     log.write(step, epoch, means, monitors, int(totals["skipped"]), interval_steps, schedule,
@@ -409,9 +420,18 @@ def train(args, stop_requested):
     return cfg, splits
 
 
+def check_knn_flags(args):
+    """--knn-every and --knn-data go together; a ROOT must hold matching train/ and val/."""
+    if args.knn_every < 0 or bool(args.knn_every) != bool(args.knn_data):
+        raise UsageError("--knn-every EPOCHS (at least 1) and --knn-data ROOT go together; give both or neither")
+    if args.knn_data and args.knn_data not in data.BUILTIN_DATASETS:
+        data.image_folder_splits(args.knn_data, "--knn-data")
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        check_knn_flags(args)
         if args.export:
             checkpoints.export_backbone(*args.export)
             print(f"wrote the teacher backbone of {args.export[0]} to {args.export[1]}")
