@@ -399,6 +399,12 @@ def test_epochs_extension_runs_to_the_new_end_with_the_recomputed_schedule(tiny_
     assert_states_close(snapshots[2]["teacher"], final["teacher"], atol=0)
 
 
+def without_key_bias(state):
+    """`state` with the key third of every attention qkv bias left out."""
+    return {name: torch.cat([t[: len(t) // 3], t[2 * len(t) // 3:]]) if name.endswith("attn.qkv.bias") else t
+            for name, t in state.items()}
+
+
 def worker_pids(agent_pid):
     """The processes torchrun's agent (`agent_pid`) started: its workers."""
     with open(f"/proc/{agent_pid}/task/{agent_pid}/children") as f:
@@ -448,10 +454,11 @@ def test_two_processes_by_8_resumed_as_one_by_16_match_the_uninterrupted_run(tin
     assert "resuming at step 1 of 4" in capsys.readouterr().out
     final, reference = load(tmp_path / "moved"), load(tmp_path / "whole")
     assert final["step"] == 4 and final["world_size"] == 1
-    # the tolerances cover the order of the gradient sums (all-reduce of 2 means vs one mean of 16),
-    # which AdamW's normalisation makes larger in the student than in its moving average, the teacher
-    for part, tolerance in (("teacher", 2e-5), ("centers", 2e-5), ("student", 1e-4)):
-        assert_states_close(final[part], reference[part], atol=tolerance)
-        if part != "centers":
-            assert moved(reference[part], halfway[part]) > 100 * tolerance, part
+    # The key bias has no true gradient (softmax ignores a constant added to every key), so AdamW
+    # turns the rounding noise of its gradient, which differs with the order of the sums (an
+    # all-reduce of 2 means vs one mean of 16), into lr-sized steps that change nothing computed.
+    for part in ("student", "teacher", "centers"):
+        final_part, reference_part, halfway_part = (without_key_bias(state[part]) for state in (final, reference, halfway))
+        assert_states_close(final_part, reference_part, atol=2e-5)
+        assert moved(reference_part, halfway_part) > 100 * 2e-5, part
     assert [r["step"] for r in read_log(tmp_path / "moved")] == [1, 2, 3, 4]
