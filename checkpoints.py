@@ -1,8 +1,13 @@
 """Checkpoints: tensors and plain dicts, written atomically, read with weights_only=True.
 
     checkpoint.pth  the whole training state (student, teacher, centers, optimizer, scaler,
-                    config as a dict, epoch, step, world size): train_ddp.py resumes from it
+                    config as a dict, the run's data settings, epoch, step, world size):
+                    train_ddp.py resumes from it
+    checkpoint-epochNNNN.pth  the same after NNNN epochs (train_ddp.py --keep-every)
     backbone.pth    the teacher backbone alone with timm's parameter names (export_backbone)
+
+The resume policy lives here too: which flags may change on a resume (resumed_config), and
+what a resumed or restarted run does to the files of the one before (log_until, move_aside).
 
 A reader sees the old file or the new one, never half of one; nothing is unpickled.
 """
@@ -10,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -17,6 +23,8 @@ import pqcl
 from data import UsageError
 
 CENTERS = ("center_cls", "center_patch", "center_query")  # the PQCL buffers a checkpoint keeps
+RUN_SETTINGS = ("data", "subset", "preset")  # train_ddp.py flags outside pqcl.Config that shape a run
+RUN_FILES = ("checkpoint.pth", "log.jsonl", "backbone.pth", "eval.json")  # what one run writes in its folder
 
 
 def save_atomic(obj, path):
@@ -36,11 +44,15 @@ def save_atomic(obj, path):
         os.close(fd)
 
 
-def save_atomic_json(obj, path):
+def save_atomic_text(text, path):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def save_atomic_json(obj, path):
+    save_atomic_text(json.dumps(obj, indent=1), path)
 
 
 def load_checkpoint(path):
@@ -53,13 +65,13 @@ def load_checkpoint(path):
                          "pass the checkpoint.pth that train_ddp.py wrote") from None
 
 
-def training_state(model, optimizer, scaler, epoch, step, world_size):
-    """What checkpoint.pth holds. Drop path is reseeded from (seed, rank, step), so `step` is
-    the RNG state too."""
+def training_state(model, optimizer, scaler, run, epoch, step, world_size):
+    """What checkpoint.pth holds; `run`: the RUN_SETTINGS it was trained with. Drop path is
+    reseeded from (seed, rank, step), so `step` is the RNG state too."""
     return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
             "centers": {name: getattr(model, name) for name in CENTERS},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-            "config": dataclasses.asdict(model.cfg),
+            "config": dataclasses.asdict(model.cfg), "run": run,
             "epoch": epoch, "step": step, "world_size": world_size}
 
 
@@ -74,6 +86,61 @@ def restore(model, checkpoint, optimizer=None, scaler=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
+
+
+def resumed_config(checkpoint, given, world_size, where):
+    """The pqcl.Config a resume of `checkpoint` continues with, on `world_size` processes: the
+    checkpoint's own, with its epochs raised to a larger --epochs (an extension: the schedules,
+    pure functions of the step and the planned length, follow the new length from here on).
+    `given` holds the flags typed on the command line, {name: value} of pqcl.Config fields and
+    RUN_SETTINGS; one that would change the model, the method, the data or the global batch is
+    a UsageError naming the flag, the checkpoint's value and the fix."""
+    config, world_size_before = checkpoint["config"], checkpoint["world_size"]
+    recorded = {**config, **checkpoint.get("run", {})}  # checkpoints before 2026-12 recorded no run settings
+    start_over = f"or pass --fresh to start a new run in {where} (the old one is moved aside)"
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "epochs" and value < config["epochs"]:
+            raise UsageError(f"{flag} {value}: the run in {where} plans {config['epochs']} epochs; to stop it "
+                             f"earlier pass --max-steps, {start_over}")
+        if name not in ("epochs", "batch_size") and name in recorded and value != recorded[name]:
+            raise UsageError(f"{flag} {value}: the run in {where} was started with {name} {recorded[name]}; "
+                             f"drop {flag} to resume it, {start_over}")
+    batch_size = given.get("batch_size", config["batch_size"])
+    global_batch = config["batch_size"] * world_size_before
+    if batch_size * world_size != global_batch:
+        fix = (f"pass --batch-size {global_batch // world_size}" if global_batch % world_size == 0
+               else f"run on a number of processes that divides {global_batch}")
+        raise UsageError(f"--batch-size {batch_size} x {world_size} processes is a global batch of "
+                         f"{batch_size * world_size}, but the run in {where} trained with {config['batch_size']} x "
+                         f"{world_size_before} = {global_batch}; {fix} to continue it sample for sample, {start_over}")
+    return pqcl.Config(**{**config, "batch_size": batch_size, "epochs": max(config["epochs"], given.get("epochs", 0))})
+
+
+def log_until(path, step):
+    """Drop the records of log.jsonl past `step`, written by a run that died after its last
+    checkpoint (and a torn last line): the resumed run logs those steps again, once. Atomic."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        save_atomic_text("".join(kept), path)
+
+
+def move_aside(output_dir):
+    """--fresh: the files of the run in `output_dir` (RUN_FILES and the epoch snapshots) move
+    into `output_dir`/previous-<date>-<time>/, never deleted. -> that folder, or None."""
+    names = [name for name in os.listdir(output_dir)
+             if name in RUN_FILES or (name.startswith("checkpoint-epoch") and name.endswith(".pth"))]
+    if not names:
+        return None
+    aside = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(aside)  # exist_ok=False: never mixes two old runs
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    return aside
 
 
 def model_from_checkpoint(path):

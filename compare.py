@@ -44,7 +44,7 @@ BASELINES = ("random init", "raw pixels")
 PAIRED = {"PQCL-DINO": ("DINO",), "PQCL-iBOT": ("iBOT", "iBOT + query-as-local")}  # PQCL row -> its baselines
 COLUMNS = {**evaluate.METRICS, "images_per_s": "pretrain img/s"}  # metric -> table header
 COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "query_as_local", "subset", "output_dir", "resume",
-                 "max_steps", "eval", "export")  # train_ddp.py settings the comparison sets itself
+                 "fresh", "max_steps", "eval", "export")  # train_ddp.py settings the comparison sets itself
 
 
 class PretrainingStopped(Exception):
@@ -60,11 +60,9 @@ def run_folder(out, dataset, row, seed):
 
 
 def pretrain(run_dir, dataset, seed, method_flags, subset, train_args):
-    """One pretraining run of train_ddp.py in this process; continues an interrupted one."""
+    """One pretraining run of train_ddp.py in this process; it continues an interrupted one by itself."""
     argv = [*train_args, "--data", dataset, "--seed", str(seed), *method_flags, "--subset", str(subset),
             "--output-dir", run_dir, "--no-eval", "--log-every", "10"]
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pth")):
-        argv.append("--resume")
     status = train_ddp.main(argv)  # on SIGTERM it checkpoints, returns 0 and leaves no backbone.pth
     if status != 0:
         raise PretrainingStopped(f"pretraining {run_dir} failed (train_ddp.py exit {status}, reason above); "

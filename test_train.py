@@ -57,6 +57,18 @@ def run_cli(args):
     return subprocess.run([sys.executable, TRAIN_DDP, *args], capture_output=True, text=True, cwd=REPO, env=CHILD_ENV)
 
 
+def torchrun_command(args, processes=2, max_restarts=0):
+    """`torchrun --standalone --nproc-per-node PROCESSES train_ddp.py ARGS` (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+            "--max-restarts", str(max_restarts), TRAIN_DDP, *args]
+
+
+def run_torchrun(args, processes=2):
+    result = subprocess.run(torchrun_command(args, processes), capture_output=True, text=True, cwd=REPO, env=CHILD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def read_log(output_dir):
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -83,10 +95,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_image
     common = [*TINY_RUN, "--data", tiny_images, "--max-steps", "3", "--drop-path-rate", "0"]
     single = run_cli([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          TRAIN_DDP, *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, env=CHILD_ENV)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_torchrun([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")])
     one_log, two_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in one_log] == [r["step"] for r in two_log] == [1, 2, 3]
     for a, b in zip(one_log, two_log):
@@ -222,7 +231,9 @@ def test_exported_backbone_loads_strictly_with_timm_names(tiny_images, tmp_path)
     (["--framework", "mae"], "unknown framework"),
     (["--mask-ratio-vars", "0.1", "0.2"], "--mask-ratios"),
     (["--precision", "fp16"], "needs a GPU"),
-    (["--resume"], "no checkpoint there"),
+    (["--resume"], "holds no checkpoint"),
+    (["--resume", "--fresh"], "pass one of them"),
+    (["--data", "{images}", "--keep-every", "-1"], "--keep-every -1"),
     (["--data", "{images}", "--batch-size", "1000"], "lower --batch-size"),
     (["--export", "/no/such.pth", "{out}/b.pth"], "no checkpoint there"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -506,3 +517,202 @@ def test_knn_monitor_bad_flags_exit_2_before_anything_is_written(argv, says, tmp
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Reruns, extensions, restarts and changes of process count (issue 13)
+# --------------------------------------------------------------------------------------
+
+
+def folder_stamps(folder):
+    """{name: (size, mtime_ns)} of every file in `folder`: what a run that touches nothing leaves."""
+    return {entry.name: (entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(folder)}
+
+
+def moved(a, b):
+    """The largest change of any weight between two state dicts."""
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def test_same_command_twice_resumes_a_finished_rerun_touches_nothing_and_fresh_keeps_the_old_run(
+        tiny_images, tmp_path, capsys):
+    """The same command again resumes at the checkpoint's step (log records the dead run wrote
+    past it, and a torn last line, are dropped: every step once) and ends with the weights of an
+    uninterrupted run; rerunning the finished run, or with a smaller --max-steps, leaves every
+    file as it was; --fresh moves the old files into previous-<time>/ and starts at step 0."""
+    common = [*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--ckpt-every", "1", "--drop-path-rate", "0.2"]
+    assert train_ddp.main([*common, "--max-steps", "6", "--output-dir", str(tmp_path / "whole")]) == 0
+    run_dir = tmp_path / "run"
+    assert train_ddp.main([*common, "--max-steps", "3", "--output-dir", str(run_dir)]) == 0
+    with open(run_dir / "log.jsonl", "a") as log:  # what a run killed after its checkpoint of step 3 leaves
+        log.write('{"step": 4, "loss": -1}\n{"step": 5, "loss": -1}\n{"step": 6, "lo')
+    capsys.readouterr()
+    assert train_ddp.main([*common, "--max-steps", "6", "--output-dir", str(run_dir)]) == 0
+    assert "resuming at step 3 of 6" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4, 5, 6] and all(r["loss"] > 0 for r in read_log(run_dir))
+    final, reference = load(run_dir), load(tmp_path / "whole")
+    assert_states_close(final["teacher"], reference["teacher"], atol=1e-6)
+    assert_states_close(final["student"], reference["student"], atol=1e-6)
+
+    before = folder_stamps(run_dir)
+    for max_steps in ("6", "4"):
+        assert train_ddp.main([*common, "--max-steps", max_steps, "--output-dir", str(run_dir)]) == 0
+        assert f"the run is done (step 6 of {max_steps})" in capsys.readouterr().out
+        assert folder_stamps(run_dir) == before
+
+    assert train_ddp.main([*common, "--max-steps", "2", "--output-dir", str(run_dir), "--fresh"]) == 0
+    (aside,) = [path for path in run_dir.iterdir() if path.name.startswith("previous-")]
+    assert f"the old run moved to {aside}" in capsys.readouterr().out
+    assert sorted(os.listdir(aside)) == ["backbone.pth", "checkpoint.pth", "log.jsonl"]
+    assert load(aside)["step"] == 6 and read_log(aside)[-1]["step"] == 6
+    assert load(run_dir)["step"] == 2 and [r["step"] for r in read_log(run_dir)] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_images, tmp_path_factory):
+    """A finished 2-step run (1 process x batch 4, TINY_RUN on tiny_images): its folder."""
+    run_dir = tmp_path_factory.mktemp("two_steps")
+    assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "2",
+                           "--output-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "vit_small"], "--arch vit_small: the run in {run} was started with arch vit_tiny; drop --arch"),
+    (["--depth", "3"], "--depth 3: the run in {run} was started with depth 2"),
+    (["--img-size", "48"], "started with img_size 32"),
+    (["--patch-size", "4"], "started with patch_size 8"),
+    (["--query-size", "8"], "started with query_size 16"),
+    (["--framework", "dino"], "started with framework ibot"),
+    (["--query-weight", "0"], "started with query_weight 1.0"),
+    (["--patch-weight", "0.5"], "started with patch_weight 1.0"),
+    (["--head-mode", "semi-shared"], "started with head_mode shared"),
+    (["--out-dim", "128"], "started with out_dim 64"),
+    (["--teacher-temp", "0.05"], "started with teacher_temp 0.07"),
+    (["--student-temp", "0.2"], "started with student_temp 0.1"),
+    (["--global-scale", "0.3", "1.0"], "started with global_scale (0.25, 1.0)"),
+    (["--num-queries", "2"], "started with num_queries 1"),
+    (["--seed", "1"], "started with seed 0"),
+    (["--lr", "1e-2"], "started with lr 0.001"),
+    (["--data", "embedded"], "--data embedded: the run in {run} was started with data {images}"),
+    (["--subset", "16"], "started with subset 0"),
+    (["--preset", "embedded"], "started with preset recipe"),
+    (["--epochs", "1"], "--epochs 1: the run in {run} plans 2 epochs; to stop it earlier pass --max-steps"),
+    (["--batch-size", "8"], "global batch of 8, but the run in {run} trained with 4 x 1 = 4; pass --batch-size 4"),
+])
+def test_a_flag_that_changes_the_run_is_refused_on_resume(two_step_run, tiny_images, capsys, args, message):
+    """On a resume every flag given that would change the model, the method, the data or the
+    global batch exits 2 with one line naming it, the checkpoint's value and the fix
+    (--fresh), and leaves every file of the run as it was."""
+    before = folder_stamps(two_step_run)
+    assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--max-steps", "4", "--output-dir", str(two_step_run),
+                           *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message.format(run=two_step_run, images=tiny_images) in lines[0], lines
+    assert "pass --fresh" in lines[0]
+    assert folder_stamps(two_step_run) == before
+
+
+def test_epochs_extension_runs_to_the_new_end_with_the_recomputed_schedule(tiny_images, tmp_path, capsys):
+    """A finished 2-epoch run given --epochs 3 continues to step 12 with lr and teacher momentum
+    on the cosines of a 12-step run (written out here), and the safe flags given apply
+    (--log-every 2: records at steps 10 and 12 only); --keep-every 1 keeps one snapshot per epoch,
+    each the state after that epoch."""
+    args = [*TINY_RUN, "--data", tiny_images, "--batch-size", "8", "--keep-every", "1", "--output-dir", str(tmp_path)]
+    assert train_ddp.main(args) == 0  # 32 images / 8 = 4 steps per epoch, 8 steps
+    assert train_ddp.main([*args, "--epochs", "3", "--log-every", "2", "--precision", "fp32", "--workers", "0"]) == 0
+    assert "resuming at step 8 of 12, extended from 2 to 3 epochs" in capsys.readouterr().out
+    records = read_log(tmp_path)
+    assert [r["step"] for r in records] == [*range(1, 9), 10, 12]
+    peak, warmup, total = 1e-3 * 8 / 256, 4, 12  # lr x batch / 256; 1 warm-up epoch; 3 epochs of 4 steps
+    for record in records[-2:]:
+        step = record["step"] - 1  # a record holds the schedule of its interval's last step
+        progress = (step - warmup) / (total - warmup)
+        assert record["lr"] == pytest.approx(1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * progress)), rel=1e-9)
+        assert record["momentum"] == pytest.approx(1 - 0.5 * (1 - 0.996) * (1 + math.cos(math.pi * step / total)),
+                                                   rel=1e-12)
+    final = load(tmp_path)
+    assert final["step"] == 12 and final["config"]["epochs"] == 3
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("checkpoint-epoch")) == \
+        ["checkpoint-epoch0001.pth", "checkpoint-epoch0002.pth", "checkpoint-epoch0003.pth"]
+    snapshots = [torch.load(tmp_path / f"checkpoint-epoch000{epoch}.pth", weights_only=True) for epoch in (1, 2, 3)]
+    assert [snapshot["step"] for snapshot in snapshots] == [4, 8, 12]
+    assert_states_close(snapshots[2]["teacher"], final["teacher"], atol=0)
+
+
+def without_key_bias(state):
+    """`state` with the key third of every attention qkv bias left out."""
+    return {name: torch.cat([t[: len(t) // 3], t[2 * len(t) // 3:]]) if name.endswith("attn.qkv.bias") else t
+            for name, t in state.items()}
+
+
+def worker_pids(agent_pid):
+    """The processes torchrun's agent (`agent_pid`) started: its workers."""
+    with open(f"/proc/{agent_pid}/task/{agent_pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tiny_images, tmp_path):
+    """2 gloo processes under torchrun --max-restarts=1, one worker SIGKILLed after the first
+    checkpoint: torchrun restarts both with the same command line, they resume at the last
+    checkpoint, and the run ends with the teacher of an uninterrupted one (atol 1e-6, against
+    a teacher that moved far more over the run), each step once in log.jsonl."""
+    common = [*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "8", "--ckpt-every", "2",
+              "--drop-path-rate", "0.2", "--lr", "2e-2", "--momentum-teacher", "0.9"]
+    run_torchrun([*common, "--keep-every", "1", "--output-dir", str(tmp_path / "whole")])
+    killed_dir = tmp_path / "killed"
+    agent = subprocess.Popen(torchrun_command([*common, "--output-dir", str(killed_dir)], max_restarts=1),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=CHILD_ENV)
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoint.pth").exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.02)
+    os.kill(worker_pids(agent.pid)[-1], signal.SIGKILL)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "resuming at step" in stdout, "the worker was not killed before the run ended"
+    assert [r["step"] for r in read_log(killed_dir)] == list(range(1, 9))
+    final, reference = load(killed_dir), load(tmp_path / "whole")
+    assert final["step"] == reference["step"] == 8
+    assert_states_close(final["teacher"], reference["teacher"], atol=1e-6)
+    after_one_epoch = torch.load(tmp_path / "whole" / "checkpoint-epoch0001.pth", weights_only=True)
+    assert moved(reference["teacher"], after_one_epoch["teacher"]) > 100 * 1e-6
+
+
+def test_two_processes_by_8_resumed_as_one_by_16_match_the_uninterrupted_run(tiny_images, tmp_path, capsys):
+    """A 2 x 8 checkpoint resumed on 1 process x 16 (same global batch) continues at the same
+    samples and ends with the uninterrupted 2 x 8 run's weights; 1 process without --batch-size
+    (global batch 8) is refused with the numbers and the fix. No drop path: its masks are drawn
+    per rank (seeded by seed, rank, step), so a different process count draws others, which are
+    equally valid but not equal."""
+    common = [*TINY_RUN, "--data", tiny_images, "--drop-path-rate", "0", "--lr", "0.3", "--momentum-teacher", "0.5"]
+    run_torchrun([*common, "--batch-size", "8", "--max-steps", "4", "--output-dir", str(tmp_path / "whole")])
+    run_torchrun([*common, "--batch-size", "8", "--max-steps", "1", "--output-dir", str(tmp_path / "moved")])
+    halfway = load(tmp_path / "moved")  # mid-epoch: 32 images / 16 = 2 steps per epoch
+    assert halfway["world_size"] == 2 and halfway["step"] == 1
+    assert train_ddp.main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "moved")]) == 2
+    assert "pass --batch-size 16 to continue it sample for sample" in capsys.readouterr().err
+    assert train_ddp.main([*common, "--batch-size", "16", "--max-steps", "4", "--output-dir", str(tmp_path / "moved")]) == 0
+    assert "resuming at step 1 of 4" in capsys.readouterr().out
+    final, reference = load(tmp_path / "moved"), load(tmp_path / "whole")
+    assert final["step"] == 4 and final["world_size"] == 1
+    # The key bias has no true gradient (softmax ignores a constant added to every key), so AdamW
+    # turns the rounding noise of its gradient, which differs with the order of the sums (an
+    # all-reduce of 2 means vs one mean of 16), into lr-sized steps that change nothing computed.
+    for part in ("student", "teacher", "centers"):
+        final_part, reference_part, halfway_part = (without_key_bias(state[part]) for state in (final, reference, halfway))
+        assert_states_close(final_part, reference_part, atol=2e-5)
+        assert moved(reference_part, halfway_part) > 100 * 2e-5, part
+    assert [r["step"] for r in read_log(tmp_path / "moved")] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_from_before_run_settings_were_recorded_still_resumes(tiny_images, tmp_path):
+    """Checkpoints written before the run settings (data, subset, preset) were recorded resume
+    from the command line's settings, and the model flags are still checked."""
+    args = [*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--output-dir", str(tmp_path)]
+    assert train_ddp.main([*args, "--max-steps", "2"]) == 0
+    checkpoint = load(tmp_path)
+    del checkpoint["run"]
+    checkpoints.save_atomic(checkpoint, str(tmp_path / "checkpoint.pth"))
+    assert train_ddp.main([*args, "--max-steps", "3", "--depth", "3"]) == 2  # conflicts with depth 2
+    assert train_ddp.main([*args, "--max-steps", "3"]) == 0
+    assert load(tmp_path)["step"] == 3 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]

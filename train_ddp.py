@@ -7,6 +7,10 @@
              --rdzv-endpoint=$HEAD_NODE:29500 train_ddp.py --data /imagenet/train --output-dir runs/vits16
     python train_ddp.py --export runs/vits16/checkpoint.pth backbone.pth   # teacher backbone, timm names
 
+A folder that holds a checkpoint resumes it (the same command again, a torchrun restart, a
+larger --epochs, another process count at the same global batch); a flag that would change
+the run is refused; --fresh starts over and moves the old run aside.
+
 The method lives in pqcl.py, the data in data.py, the checkpoints in checkpoints.py and the
 k-NN of eval.json in evaluate.py; this file is the command line, the step and the loop: DDP,
 mixed precision, schedules, exact resume, logs. Every pqcl.Config field is a flag
@@ -43,15 +47,22 @@ from data import UsageError
 def build_parser():
     parser = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
-    run.add_argument("--data", default="embedded",
+    run.add_argument("--data",
                      help="an ImageFolder tree, or a built-in set: 'embedded' (generated shapes, the default) "
                           "or 'fashion-mnist' (apt-get install -y dataset-fashion-mnist)")
     run.add_argument("--preset", choices=sorted(data.PRESETS),
                      help="the method flags' defaults: 'recipe' (the authors' ViT-S/16 ImageNet recipe) or a "
                           "built-in set's CPU preset (default: the built-in set's own, the recipe for a folder)")
-    run.add_argument("--subset", type=int, default=0, help="pretrain on the first N images only (0: all)")
-    run.add_argument("--output-dir", default="runs/embedded", help="checkpoint.pth, log.jsonl, backbone.pth, eval.json")
-    run.add_argument("--resume", action="store_true", help="continue <output-dir>/checkpoint.pth at its exact step")
+    run.add_argument("--subset", type=int, help="pretrain on the first N images only (default 0: all)")
+    run.add_argument("--output-dir", default="runs/embedded",
+                     help="checkpoint.pth, log.jsonl, backbone.pth, eval.json; a folder that holds a checkpoint "
+                          "resumes it (flags that would change the run are refused)")
+    run.add_argument("--resume", action="store_true",
+                     help="insist on resuming: exit 2 when <output-dir> holds no checkpoint")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: the old run's files move into <output-dir>/previous-<date>-<time>/")
+    run.add_argument("--keep-every", type=int, default=0, metavar="EPOCHS",
+                     help="also keep checkpoint-epochNNNN.pth every this many epochs (0: the latest only)")
     run.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs)")
     run.add_argument("--ckpt-every", type=int, default=500, help="also write the checkpoint every this many steps")
     run.add_argument("--log-every", type=int, default=20, help="steps between log lines (and loss/stop checks)")
@@ -89,16 +100,31 @@ def build_parser():
     return parser
 
 
+DEFAULT_RUN = {"data": "embedded", "subset": 0, "preset": None}  # the RUN_SETTINGS' defaults
+
+
 def preset_of(args):
-    return args.preset or data.default_preset(args.data)
+    return args.preset or data.default_preset(args.data or DEFAULT_RUN["data"])
+
+
+def method_flags_given(args):
+    """{pqcl.Config field: value} of the method flags on the command line (the rest are None)."""
+    return {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(pqcl.Config)
+            if (v := getattr(args, f.name)) is not None}
+
+
+def run_settings_given(args):
+    """{name: value} of the checkpoints.RUN_SETTINGS on the command line, a folder as its absolute path."""
+    given = {name: value for name in checkpoints.RUN_SETTINGS if (value := getattr(args, name)) is not None}
+    if given.get("data", "embedded") not in data.BUILTIN_DATASETS:
+        given["data"] = os.path.abspath(given["data"])
+    return given
 
 
 def config_from_args(args):
     """The preset's Config with every method flag given on top."""
-    given = {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(pqcl.Config)
-             if (v := getattr(args, f.name)) is not None}
     try:
-        return data.preset_config(preset_of(args), **given)
+        return data.preset_config(preset_of(args), **method_flags_given(args))
     except ValueError as error:
         name, _, fix = str(error).partition(": ")
         raise UsageError(f"--{name.replace('_', '-')}: {fix}") from None
@@ -306,39 +332,65 @@ MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (
 
 
 def train(args, stop_requested):
-    """Pretrain; `stop_requested` turns non-empty on SIGTERM. -> (cfg, built-in splits or None)"""
+    """Pretrain, or continue the run in args.output_dir; `stop_requested` turns non-empty on
+    SIGTERM. -> (cfg, the built-in splits to evaluate on, or None)"""
     rank, world_size, device = setup_distributed()
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    checkpoint = checkpoints.load_checkpoint(checkpoint_path) if args.resume else None
-    cfg = pqcl.Config(**checkpoint["config"]) if checkpoint else config_from_args(args)
+    backbone_path = os.path.join(args.output_dir, "backbone.pth")
     # everything that can fail on bad input happens before anything is written
+    if args.fresh and args.resume:
+        raise UsageError("--fresh starts over, --resume continues: pass one of them")
+    # torchrun restarts failed workers with the same command line: --fresh is for its first attempt only
+    fresh = args.fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    checkpoint = checkpoints.load_checkpoint(checkpoint_path) if os.path.exists(checkpoint_path) and not fresh else None
+    if args.resume and checkpoint is None:
+        raise UsageError(f"--resume: {args.output_dir} holds no checkpoint.pth; drop --resume to start a new run")
+    if checkpoint:
+        given = {**method_flags_given(args), **run_settings_given(args)}
+        cfg = checkpoints.resumed_config(checkpoint, given, world_size, args.output_dir)
+    else:
+        cfg = config_from_args(args)
+    # what the run trains on: as recorded, or, for a new run (or one recorded before runs kept it), as given
+    run = (checkpoint or {}).get("run") or {**DEFAULT_RUN, **run_settings_given(args), "preset": preset_of(args)}
     precision, precision_why = args.precision, "--precision"
     if precision == "auto":
         precision, precision_why = auto_precision(device, pqcl.ARCHS[cfg.arch][0])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
+    if args.keep_every < 0:
+        raise UsageError(f"--keep-every {args.keep_every}: pass a number of epochs, or 0 to keep the latest only")
     augment = data.augmentation(cfg)
-    if args.data in data.BUILTIN_DATASETS:
-        splits = data.BUILTIN_DATASETS[args.data](cfg.seed, cfg.img_size)
+    if run["data"] in data.BUILTIN_DATASETS:
+        splits = data.BUILTIN_DATASETS[run["data"]](cfg.seed, cfg.img_size)
         source = data.InMemoryImages(splits[0][0])
     else:
-        splits, source = None, data.ImageFiles(args.data, reduction=augment.draft_reduction)
-    num_images = min(args.subset, len(source)) if args.subset else len(source)  # the sampler draws from these
+        splits, source = None, data.ImageFiles(run["data"], reduction=augment.draft_reduction)
+    num_images = min(run["subset"], len(source)) if run["subset"] else len(source)  # the sampler draws from these
     sampler = data.ResumableSampler(num_images, cfg.batch_size, cfg.seed, rank, world_size)
     if sampler.steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} x {world_size} processes exceeds the {num_images} "
                          "images; lower --batch-size")
-    workers = args.workers if args.workers >= 0 else (0 if args.data in data.BUILTIN_DATASETS else default_workers())
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    step = checkpoint["step"] if checkpoint else 0
+    if step >= total_steps:  # a rerun of a finished run (a scheduler's, a retyped command): touch nothing
+        if rank == 0:
+            print(f"{args.output_dir}: the run is done (step {step} of {total_steps}); nothing to do. A larger "
+                  "--epochs or --max-steps continues it, --fresh starts a new one", flush=True)
+            if not os.path.exists(backbone_path):  # killed between its last checkpoint and the export
+                checkpoints.export_backbone(checkpoint_path, backbone_path)
+        return cfg, None
+    workers = args.workers if args.workers >= 0 else (0 if run["data"] in data.BUILTIN_DATASETS else default_workers())
 
     torch.manual_seed(cfg.seed)
     model = pqcl.PQCL(cfg).to(device)
     optimizer = make_optimizer(model, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    step = 0
     if checkpoint:
         checkpoints.restore(model, checkpoint, optimizer, scaler)
-        step = checkpoint["step"]
     if args.compile:
         compile_model(model)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -347,18 +399,23 @@ def train(args, stop_requested):
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
 
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        aside = checkpoints.move_aside(args.output_dir) if fresh else None
+        checkpoints.log_until(os.path.join(args.output_dir, "log.jsonl"), step)
+        if not checkpoint:
+            begin = f"{preset_of(args)} preset" + (f"; the old run moved to {aside}" if aside else "")
+        elif cfg.epochs > checkpoint["config"]["epochs"]:
+            begin = (f"resuming at step {step} of {total_steps}, extended from {checkpoint['config']['epochs']} to "
+                     f"{cfg.epochs} epochs: the schedules now run to step {cfg.epochs * steps_per_epoch}")
+        else:
+            begin = f"resuming at step {step} of {total_steps}"
         print(f"PQCL-{cfg.framework} ({f'lambda {cfg.query_weight}' if cfg.use_queries else 'baseline, no queries'}) "
               f"{cfg.arch}{f' depth {cfg.depth}' if cfg.depth else ''}/{cfg.patch_size} at {cfg.img_size} px on "
-              f"{args.data}: {num_images} images, {world_size} x {device.type}, "
-              f"{precision} ({precision_why}), global batch {cfg.batch_size * world_size}, {total_steps} steps"
-              + (f", resuming at step {step}" if checkpoint else f", {preset_of(args)} preset"), flush=True)
+              f"{run['data']}: {num_images} images, {world_size} x {device.type}, "
+              f"{precision} ({precision_why}), global batch {cfg.batch_size * world_size}, {total_steps} steps, "
+              f"{begin}", flush=True)
     log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
     running = dict.fromkeys([*LOSS_TERMS, "skipped"], torch.zeros((), device=device))  # sums since the last sync
     interval_steps = 0
@@ -405,18 +462,22 @@ def train(args, stop_requested):
                 running = {name: torch.zeros_like(total) for name, total in running.items()}
                 interval_steps = 0
             if (save_now or stop) and rank == 0:
-                checkpoints.save_atomic(checkpoints.training_state(model, optimizer, scaler, step // steps_per_epoch,
-                                                                   step, world_size), checkpoint_path)
+                state = checkpoints.training_state(model, optimizer, scaler, run, step // steps_per_epoch, step,
+                                                   world_size)
+                checkpoints.save_atomic(state, checkpoint_path)
+                if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
+                    checkpoints.save_atomic(state, os.path.join(args.output_dir,
+                                                                f"checkpoint-epoch{step // steps_per_epoch:04d}.pth"))
             if stop:
                 if rank == 0:
-                    print(f"\nstopped by SIGTERM at step {step}; continue with --resume", flush=True)
+                    print(f"\nstopped by SIGTERM at step {step}; rerun the same command to continue", flush=True)
                 return cfg, None
             if step >= total_steps:
                 break
         epoch += 1
     if rank == 0:
         log.finish(step)
-        checkpoints.export_backbone(checkpoint_path, os.path.join(args.output_dir, "backbone.pth"))
+        checkpoints.export_backbone(checkpoint_path, backbone_path)
     return cfg, splits
 
 
