@@ -431,7 +431,6 @@ class DeviceAugmentation(CPUAugmentation):
         self.local_pixels = PhotometricDraw(self.recipes["locals"][0], self._drawn)
 
     def __call__(self, image):
-        self._drawn.clear()
         sample = super().__call__(image)
         drawn = torch.stack(self._drawn)  # (V + Q + N, PARAMETERS)
         self._drawn.clear()
@@ -467,11 +466,12 @@ def grayscale(views):  # (n, 3, H, W) -> (n, 1, H, W): TF.rgb_to_grayscale's wei
 
 
 def blend(views, other, factors):  # TF's _blend: factor * views + (1 - factor) * other, clamped to [0, 1]
+    # other: (n, 1 or 3, H, W) or a number
     return (per_view(factors) * views + (1 - per_view(factors)) * other).clamp(0, 1)
 
 
 def adjust_brightness(views, factors):
-    return blend(views, torch.zeros_like(views), factors)
+    return blend(views, 0.0, factors)
 
 
 def adjust_contrast(views, factors):  # towards each view's mean grey level
@@ -528,7 +528,8 @@ def photometric(views, parameters, recipe):
     if views.numel() == 0:
         return views.float()
     views = views.float() / 255
-    jitter, factors, order = parameters[:, JITTER].bool(), parameters[:, FACTORS], parameters[:, ORDER].long()  # (n,), (n, 4), (n, 4)
+    jitter, factors = parameters[:, JITTER].bool(), parameters[:, FACTORS]  # (n,), (n, 4)
+    order = parameters[:, ORDER].long()  # (n, 4): the op at each position
     for position in range(4):
         for op_index, (adjust, neutral) in enumerate(JITTER_OPS):
             applied = jitter & (order[:, position] == op_index)  # (n,)

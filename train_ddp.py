@@ -67,7 +67,8 @@ def build_parser():
                      help="where colour jitter, grayscale, blur, solarisation and normalisation run (default: "
                           "device on a GPU, cpu otherwise). device: the workers only decode and crop, and return "
                           "uint8 views with every random parameter drawn for them (the same draws on any device); "
-                          "the photometric ops then run batched on the GPU, so far fewer workers keep it fed")
+                          "the photometric ops then run batched on the GPU, so far fewer workers keep it fed. The two paths "
+                          "draw the same distributions but not the same pixels: resume with the flag you started with")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
     run.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
