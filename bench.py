@@ -95,6 +95,18 @@ figures are medians of interleaved pairs of complete steps, batch 8):
         op would save ~0.3 ms per view (0.6 against 0.33 ms), not done.
     So a worker gives ~60 samples/s at best here, and a GPU running ViT-S/16 at 35% MFU
     (~3,500 samples/s) needs ~57 workers: the photometric ops belong on the device (item 2).
+  * The device path (issue 12, item 2; --augment-on device), same JPEGs and views, one thread,
+    interleaved with the CPU path on a machine shared with other developers (load 5 to 7):
+    the worker's share (decode, geometry, masks, positions, the parameter draws) runs 2.05x
+    the CPU path (27.7 -> 55.6 samples/s, pairs 1.53-2.36x; a second run 15.6 -> 34.1,
+    pairs 1.73-2.51x), so ~125 samples/s at low load and ~28 workers per GPU for 3,500
+    samples/s. The batched photometric stage on this CPU: 9.9 samples/s with one thread
+    (810 ms per batch of 8 x (2 x 224 px + 96 px)); with two threads on the loaded machine
+    4.8 s (OpenMP threads waiting on busy cores). It evaluates each of the four jitter
+    adjustments at each of the four positions (16 ops, a select picking the view's own), since
+    gathering each position's views would need their count on the host; merging the three
+    blends of a position into one, or compiling the stage, would cut that work; not done (no
+    GPU to measure it on).
 """
 import argparse
 import json
