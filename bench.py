@@ -95,6 +95,18 @@ figures are medians of interleaved pairs of complete steps, batch 8):
         op would save ~0.3 ms per view (0.6 against 0.33 ms), not done.
     So a worker gives ~60 samples/s at best here, and a GPU running ViT-S/16 at 35% MFU
     (~3,500 samples/s) needs ~57 workers: the photometric ops belong on the device (item 2).
+  * The device path (issue 12, item 2; --augment-on device), same JPEGs and views, one thread,
+    interleaved with the CPU path on a machine shared with other developers (load 5 to 7):
+    the worker's share (decode, geometry, masks, positions, the parameter draws) runs 2.05x
+    the CPU path (27.7 -> 55.6 samples/s, pairs 1.53-2.36x; a second run 15.6 -> 34.1,
+    pairs 1.73-2.51x), so ~125 samples/s at low load and ~28 workers per GPU for 3,500
+    samples/s. The batched photometric stage on this CPU: 9.9 samples/s with one thread
+    (810 ms per batch of 8 x (2 x 224 px + 96 px)); with two threads on the loaded machine
+    4.8 s (OpenMP threads waiting on busy cores). It evaluates each of the four jitter
+    adjustments at each of the four positions (16 ops, a select picking the view's own), since
+    gathering each position's views would need their count on the host; merging the three
+    blends of a position into one, or compiling the stage, would cut that work; not done (no
+    GPU to measure it on).
 """
 import argparse
 import json
@@ -115,6 +127,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 
 import pqcl  # noqa: E402
 import data  # noqa: E402
@@ -459,16 +472,20 @@ def write_jpegs(folder, count, size=(500, 375), seed=0):
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def augmentation_throughput(cfg, num_images, rounds=4):
+def augmentation_throughput(cfg, num_images, device, batch_size, rounds=4):
     """Samples/s of one worker (one thread, as a DataLoader worker has): data.ImageFiles (PIL
     decode) + data.augmentation (2 global views, the query crops, masks), interleaved A B / B A
     over `rounds` passes of the same JPEGs:
         before / after    the exact blur and full-size decoding against the CPU default (PIL
                           blur, drafted decoding), on 500 x 375 JPEGs
         draft             the CPU default with and without drafted decoding on 2000 x 1500
-                          JPEGs (500 x 375 ones are never reduced for the recipe's crops)"""
+                          JPEGs (500 x 375 ones are never reduced for the recipe's crops)
+        device worker     the CPU default against the device path's worker share (decode and
+                          geometry, the photometric parameters drawn), on 500 x 375 JPEGs
+    and the device path's other half, photometric_throughput on `device`."""
     threads = torch.get_num_threads()
     augment = {blur: data.augmentation(cfg, blur) for blur in data.BLURS}
+    device_worker = data.augmentation(cfg, on="device")
     with tempfile.TemporaryDirectory() as root:
         photos, large = os.path.join(root, "photos"), os.path.join(root, "large")
         write_jpegs(os.path.join(photos, "class0"), num_images)
@@ -481,6 +498,10 @@ def augmentation_throughput(cfg, num_images, rounds=4):
             "draft (2000x1500)": {
                 "full decode": data.Augmented(data.ImageFiles(large), augment["pil"], cfg.seed),
                 "drafted": data.Augmented(data.ImageFiles(large, augment["pil"].draft_reduction), augment["pil"], cfg.seed)},
+            "device worker": {
+                "CPU path": data.Augmented(data.ImageFiles(photos, augment["pil"].draft_reduction), augment["pil"], cfg.seed),
+                "worker share": data.Augmented(data.ImageFiles(photos, device_worker.draft_reduction), device_worker,
+                                               cfg.seed)},
         }
         torch.set_num_threads(1)
         results = {"jpeg_kb": kb, "rounds": rounds}
@@ -499,9 +520,32 @@ def augmentation_throughput(cfg, num_images, rounds=4):
                     "speed-up": ratio(times[a[0]], times[b[0]])}
         finally:
             torch.set_num_threads(threads)
+        samples = data.Augmented(data.ImageFiles(photos, device_worker.draft_reduction), device_worker, cfg.seed)
+        results["photometric"] = photometric_throughput(device_worker, samples, device, batch_size, rounds)
     results["images_per_s_per_worker"] = results["before / after"]["after_samples_per_s"]
+    results["device_worker_samples_per_s"] = results["device worker"]["worker share_samples_per_s"]
     results["ms_per_image"] = 1000 / results["images_per_s_per_worker"]
     return results
+
+
+def photometric_throughput(device_worker, samples, device, batch_size, repeats):
+    """Samples/s of the device path's batched photometric stage (DeviceAugmentation.photometric,
+    as train_ddp runs it after the batch reaches the device) on a collated batch of the worker's
+    samples, with the training process's threads: the median of `repeats` after a warm-up."""
+    batch = default_collate([samples[0, index % len(samples)] for index in range(batch_size)])
+    batch = {key: value.to(device) for key, value in batch.items()}
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        device_worker.photometric(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    return {"device": str(device), "batch_size": batch_size, "ms_per_batch": 1000 * seconds,
+            "samples_per_s": batch_size / seconds}
 
 
 # --------------------------------------------------------------------------------------
@@ -654,7 +698,7 @@ def run(args):
     cfg = setup["figures"][0]
     print(f"data: {setup['images']} JPEGs of 500x375 through ImageFiles + PQCLAugmentation at {cfg.img_size} px, "
           "one worker", flush=True)
-    data = results["data"] = augmentation_throughput(cfg, setup["images"])
+    data = results["data"] = augmentation_throughput(cfg, setup["images"], device, batch_size)
     data["workers_to_feed"] = {}
     for label, f in results["figures"].items():
         if f["naive"] or f["query_weight"] == 0 or f["precision"] != precision or f["compiled"] != (
@@ -664,8 +708,9 @@ def run(args):
         if device.type == "cpu" and not args.quick:  # FLOPs per image at the GPU's rate
             rates[f"{label} on a GPU, estimated"] = GPU_TFLOPS * 1e3 * GPU_MFU / (f["gflop_per_step"] / batch_size)
         for name, images_per_s in rates.items():
-            data["workers_to_feed"][name] = {"images_per_s": images_per_s,
-                                             "workers": math.ceil(images_per_s / data["images_per_s_per_worker"])}
+            data["workers_to_feed"][name] = {
+                "images_per_s": images_per_s, "workers": math.ceil(images_per_s / data["images_per_s_per_worker"]),
+                "device_path_workers": math.ceil(images_per_s / data["device_worker_samples_per_s"])}
     results["meta"]["seconds"] = time.perf_counter() - started
     return results
 
@@ -725,6 +770,7 @@ def report(results):
             f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_gflops"].items()))
     data = results["data"]
     before_after, draft = data["before / after"], data["draft (2000x1500)"]
+    device_worker, photometric = data["device worker"], data["photometric"]
     lines += ["", f"data: one worker (one thread) augments {data['images_per_s_per_worker']:.1f} samples/s "
                   f"({data['ms_per_image']:.0f} ms each: decode of a {data['jpeg_kb']:.0f} kB 500x375 JPEG, "
                   "2 global views, query crop, masks)",
@@ -732,9 +778,15 @@ def report(results):
               f"{before_after['after_samples_per_s']:.1f}: {before_after['speed-up']['median']:.2f}x "
               f"(pairs {before_after['speed-up']['min']:.2f}-{before_after['speed-up']['max']:.2f}x)",
               f"  drafted decoding alone, 2000x1500 JPEGs: {draft['full decode_samples_per_s']:.1f} -> "
-              f"{draft['drafted_samples_per_s']:.1f} samples/s, {draft['speed-up']['median']:.2f}x"]
+              f"{draft['drafted_samples_per_s']:.1f} samples/s, {draft['speed-up']['median']:.2f}x",
+              f"  device path (--augment-on device): the worker's share (decode, geometry, parameter draws) "
+              f"{data['device_worker_samples_per_s']:.1f} samples/s, {device_worker['speed-up']['median']:.2f}x the "
+              f"CPU path's (pairs {device_worker['speed-up']['min']:.2f}-{device_worker['speed-up']['max']:.2f}x); "
+              f"the batched photometric stage on {photometric['device']}: {photometric['samples_per_s']:.0f} "
+              f"samples/s ({photometric['ms_per_batch']:.1f} ms per batch of {photometric['batch_size']})"]
     for name, feed in data["workers_to_feed"].items():
-        lines.append(f"  {name}: {feed['images_per_s']:.1f} images/s -> {feed['workers']} worker(s)")
+        lines.append(f"  {name}: {feed['images_per_s']:.1f} images/s -> {feed['workers']} worker(s) on the CPU path, "
+                     f"{feed['device_path_workers']} on the device path")
     if any(name.endswith("estimated") for name in data["workers_to_feed"]):
         lines.append(f"  (estimated: the step's FLOPs per image at {100 * GPU_MFU:.0f}% of {GPU_TFLOPS:.0f} TFLOP/s)")
     lines.append(f"\nbench.py took {meta['seconds']:.0f} s")

@@ -12,6 +12,7 @@ module adds only what makes it fast (CPUAugmentation: PIL's blur, JPEGs decoded 
 size where every crop allows it; the separable blur for tensors) and feeds it images.
 """
 import argparse
+import dataclasses
 import gzip
 import math
 import os
@@ -406,14 +407,218 @@ class CPUAugmentation(pqcl.PQCLAugmentation):
         return 1
 
 
+# --------------------------------------------------------------------------------------
+# The device path (--augment-on device): geometry in the workers, photometry batched on the device
+# --------------------------------------------------------------------------------------
+
+# Columns of a view's photometric parameters, as the worker draws them (PhotometricRecipe.draw)
+JITTER, FACTORS, ORDER, GRAYSCALE, BLUR, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
+PARAMETERS = 13  # FACTORS: brightness, contrast, saturation, hue; ORDER: a permutation of those four
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotometricRecipe:
+    """One view's pixel pipeline (a pqcl.PQCLAugmentation Compose) as numbers: what the worker
+    draws from and what the device applies. Read off the Compose, so the device path follows
+    the recipe wherever pqcl.py sets it."""
+    jitter_p: float  # RandomApply(ColorJitter) p
+    ranges: tuple  # ColorJitter's brightness, contrast, saturation, hue factor ranges ((min, max) each)
+    grayscale_p: float
+    blur_p: float
+    kernel_size: int  # the Gaussian blur's, px
+    sigma: tuple  # (min, max), px
+    solarize_p: float  # 0 where the view has no RandomSolarize
+    solarize_threshold: float  # uint8 grey levels: pixels >= it are inverted
+    mean: tuple  # Normalize's, per channel
+    std: tuple
+
+    @classmethod
+    def of(cls, pipeline):
+        found = dict(solarize_p=0.0, solarize_threshold=128.0)
+        for transform in pipeline.transforms:
+            inner = transform.transforms[0] if isinstance(transform, T.RandomApply) else None
+            if isinstance(inner, T.ColorJitter):
+                found.update(jitter_p=transform.p, ranges=(inner.brightness, inner.contrast, inner.saturation, inner.hue))
+            elif isinstance(inner, T.GaussianBlur):
+                found.update(blur_p=transform.p, kernel_size=inner.kernel_size[0], sigma=tuple(inner.sigma))
+            elif isinstance(transform, T.RandomGrayscale):
+                found.update(grayscale_p=transform.p)
+            elif isinstance(transform, T.RandomSolarize):
+                found.update(solarize_p=transform.p, solarize_threshold=float(transform.threshold))
+            elif isinstance(transform, T.Normalize):
+                found.update(mean=tuple(transform.mean), std=tuple(transform.std))
+            elif not isinstance(transform, (T.ToImage, T.ToDtype)):
+                raise ValueError(f"the device path has no batched form of {transform}")
+        return cls(**found)
+
+    def draw(self):
+        """This view's parameters from torch's global generator -> (PARAMETERS,) float32. Every
+        parameter is drawn, applied or not, so each view consumes the same random numbers."""
+        jitter = torch.rand(1) < self.jitter_p  # (1,) as RandomApply: applied when rand < p
+        order = torch.randperm(4)  # ColorJitter's fn_idx: the order of the four adjustments
+        factors = torch.cat([torch.empty(1).uniform_(low, high) for low, high in self.ranges])  # (4,)
+        grayscale, blur = torch.rand(1) < self.grayscale_p, torch.rand(1) < self.blur_p
+        sigma = torch.empty(1).uniform_(*self.sigma)
+        solarize = torch.rand(1) < self.solarize_p
+        return torch.cat([jitter, factors, order, grayscale, blur, sigma, solarize]).float()
+
+
+class PhotometricDraw:
+    """Stands in for one view's pixel pipeline in the worker: appends the view's drawn
+    parameters to `drawn` and returns the view, geometry only, as uint8 (3, s, s)."""
+
+    def __init__(self, recipe, drawn):
+        self.recipe, self.drawn = recipe, drawn
+
+    def __call__(self, view):
+        self.drawn.append(self.recipe.draw())
+        return view if torch.is_tensor(view) else TF.pil_to_tensor(view)
+
+
+VIEW_KINDS = ("globals", "queries", "locals")
+
+
+class DeviceAugmentation(CPUAugmentation):
+    """The worker's half of --augment-on device: CPUAugmentation's decoding and geometry (boxes,
+    resize, flips; masks and positions as ever), each view returned as uint8 with every
+    photometric parameter drawn for it, in the sample under "<kind>_photometric" (n, PARAMETERS).
+    The draws come from torch's global generator right after the view's geometry, as the CPU
+    path's are, so they depend on (seed, epoch, index) alone (Augmented), never on the device.
+    `photometric` is the device's half, applied to the collated batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipes = {"globals": [PhotometricRecipe.of(pixels) for pixels in self.global_pixels],
+                        "queries": [PhotometricRecipe.of(self.query_pixels)],
+                        "locals": [PhotometricRecipe.of(self.local_pixels)]}
+        applied = {(r.kernel_size, r.solarize_threshold, r.mean, r.std) for r in self.recipes["globals"]}
+        if len(applied) > 1:
+            raise ValueError("the global views differ in blur kernel, solarize threshold or normalisation")
+        self._drawn = []  # the current sample's parameters, in draw order: globals, queries, locals
+        self.global_pixels = [PhotometricDraw(recipe, self._drawn) for recipe in self.recipes["globals"]]
+        self.query_pixels = PhotometricDraw(self.recipes["queries"][0], self._drawn)
+        self.local_pixels = PhotometricDraw(self.recipes["locals"][0], self._drawn)
+
+    def __call__(self, image):
+        sample = super().__call__(image)
+        drawn = torch.stack(self._drawn)  # (V + Q + N, PARAMETERS)
+        self._drawn.clear()
+        counts = [len(self.global_pixels), self.num_queries, self.num_locals]
+        for kind, parameters in zip(VIEW_KINDS, drawn.split(counts)):
+            sample[kind] = sample[kind].to(torch.uint8)  # (n, 3, s, s); an empty kind comes as float zeros
+            sample[f"{kind}_photometric"] = parameters  # (n, PARAMETERS)
+        return sample
+
+    def photometric(self, batch):
+        """The device's half, on a collated batch already on the training device: colour jitter,
+        grayscale, blur, solarisation and normalisation of every view with its own parameters.
+        -> the batch with normalised float32 views and the parameters removed."""
+        batch = dict(batch)
+        for kind in VIEW_KINDS:
+            views, parameters = batch[kind], batch.pop(f"{kind}_photometric")  # (B, n, 3, s, s) uint8, (B, n, PARAMETERS)
+            batch[kind] = photometric(views.flatten(0, 1), parameters.flatten(0, 1), self.recipes[kind][0]).view(views.shape)
+        return batch
+
+
+# The batched ops: float views (n, 3, H, W) in [0, 1], one parameter per view (n,). Each equals
+# torchvision.transforms.v2.functional's op on one float image at that parameter; none
+# leaves the views' device or waits for it (no tensor from a Python list, no .item()).
+
+
+def per_view(values):  # (n,) -> (n, 1, 1, 1), broadcast over a view's pixels
+    return values.view(-1, 1, 1, 1)
+
+
+def grayscale(views):  # (n, 3, H, W) -> (n, 1, H, W): TF.rgb_to_grayscale's weights
+    red, green, blue = views.unbind(1)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue)[:, None]
+
+
+def blend(views, other, factors):  # TF's _blend: factor * views + (1 - factor) * other, clamped to [0, 1]
+    # other: (n, 1 or 3, H, W) or a number
+    return (per_view(factors) * views + (1 - per_view(factors)) * other).clamp(0, 1)
+
+
+def adjust_brightness(views, factors):
+    return blend(views, 0.0, factors)
+
+
+def adjust_contrast(views, factors):  # towards each view's mean grey level
+    return blend(views, grayscale(views).mean((1, 2, 3), keepdim=True), factors)  # mean (n, 1, 1, 1)
+
+
+def adjust_saturation(views, factors):  # towards each pixel's grey level
+    return blend(views, grayscale(views), factors)
+
+
+def adjust_hue(views, shifts):
+    """Rotate each view's hue by its shift (turns, in [-0.5, 0.5]) through HSV, as TF.adjust_hue."""
+    red, green, blue = views.unbind(1)  # (n, H, W) each
+    value, low = views.amax(1), views.amin(1)  # (n, H, W)
+    chroma = value - low
+    safe_chroma = torch.where(chroma > 0, chroma, 1.0)
+    sixths = torch.where(value == red, (green - blue) / safe_chroma,  # hue in sixths of a turn, in (-1, 5]
+                         torch.where(value == green, 2 + (blue - red) / safe_chroma, 4 + (red - green) / safe_chroma))
+    hue = (sixths / 6 + shifts.view(-1, 1, 1)) % 1  # (n, H, W), turns in [0, 1)
+    saturation = chroma / torch.where(value > 0, value, 1.0)
+    # HSV -> RGB: channel c = value * (1 - saturation * clamp(min(k, 4 - k), 0, 1)), k = (n_c + 6 hue) mod 6,
+    # n = 5, 3, 1 for red, green, blue
+    offsets = torch.arange(5, 0, -2, device=views.device, dtype=views.dtype).view(1, 3, 1, 1)
+    k = (offsets + 6 * hue[:, None]) % 6  # (n, 3, H, W)
+    return value[:, None] * (1 - saturation[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(views, sigmas, kernel_size):
+    """Each view blurred by its own Gaussian (sigma px, kernel_size taps, reflected edges), as
+    TF.gaussian_blur: the separable kernel as two grouped 1-D convolutions, one group per channel."""
+    n, channels, height, width = views.shape
+    offsets = torch.arange(kernel_size, device=views.device, dtype=views.dtype) - kernel_size // 2  # (k,)
+    kernels = torch.softmax(-0.5 * (offsets / sigmas[:, None]) ** 2, dim=1)  # (n, k), each sums to 1
+    kernels = kernels.repeat_interleave(channels, 0)  # (n * C, k), view-major like the channels below
+    padded = F.pad(views, [kernel_size // 2] * 4, mode="reflect")  # (n, C, H + k - 1, W + k - 1)
+    rows = F.conv2d(padded.reshape(1, n * channels, *padded.shape[2:]), kernels.view(-1, 1, 1, kernel_size),
+                    groups=n * channels)  # (1, n * C, H + k - 1, W)
+    return F.conv2d(rows, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view(n, channels, height, width)
+
+
+def solarize(views, applied, threshold):  # invert the pixels >= threshold (in [0, 1]) of the applied views
+    return torch.where(per_view(applied) & (views >= threshold), 1 - views, views)
+
+
+JITTER_OPS = ((adjust_brightness, 1.0), (adjust_contrast, 1.0), (adjust_saturation, 1.0), (adjust_hue, 0.0))  # (op, neutral)
+
+
+def photometric(views, parameters, recipe):
+    """uint8 views (n, 3, s, s) and their drawn parameters (n, PARAMETERS) -> normalised float32
+    views (n, 3, s, s), in the CPU path's order: colour jitter (its four adjustments in the view's
+    own order), grayscale, blur, solarisation, normalisation. Float throughout, rounded nowhere.
+    A view skips an adjustment through its neutral factor (exact for the three blends, ~1e-7 for
+    the HSV round trip of hue 0) and skips grayscale, blur, solarisation through a select."""
+    if views.numel() == 0:
+        return views.float()
+    views = views.float() / 255
+    jitter, factors = parameters[:, JITTER].bool(), parameters[:, FACTORS]  # (n,), (n, 4)
+    order = parameters[:, ORDER].long()  # (n, 4): the op at each position
+    for position in range(4):
+        for op_index, (adjust, neutral) in enumerate(JITTER_OPS):
+            applied = jitter & (order[:, position] == op_index)  # (n,)
+            views = adjust(views, torch.where(applied, factors[:, op_index], neutral))
+    views = torch.where(per_view(parameters[:, GRAYSCALE].bool()), grayscale(views).expand_as(views), views)
+    views = torch.where(per_view(parameters[:, BLUR].bool()),
+                        gaussian_blur(views, parameters[:, SIGMA], recipe.kernel_size), views)
+    views = solarize(views, parameters[:, SOLARIZE].bool(), recipe.solarize_threshold / 255)
+    return torch.stack([(channel - mean) / std for channel, mean, std in zip(views.unbind(1), recipe.mean, recipe.std)], 1)
+
+
 BLURS = {"pil": PILGaussianBlur,  # the default: PIL's extended box blur on PIL images
          "exact": SeparableGaussianBlur}  # the exact (truncated) Gaussian, through a float tensor
 
 
-def augmentation(cfg, blur="pil"):
+def augmentation(cfg, blur="pil", on="cpu"):
     """The view recipe of `cfg` (pqcl.PQCLAugmentation) with the fast CPU path: `blur` names
-    the Gaussian blur of PIL images (BLURS); tensors always get the exact separable one."""
-    return CPUAugmentation.from_config(cfg, blur=BLURS[blur])
+    the Gaussian blur of PIL images (BLURS); tensors always get the exact separable one. With
+    on="device", the device path's worker half (DeviceAugmentation; blur does not apply)."""
+    return DeviceAugmentation.from_config(cfg) if on == "device" else CPUAugmentation.from_config(cfg, blur=BLURS[blur])
 
 
 class Augmented(Dataset):

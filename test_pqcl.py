@@ -1087,7 +1087,8 @@ def test_bench_quick_run_writes_finite_positive_figures(tmp_path):
         assert figure["step_mb"] is None or figure["step_mb"] > 0
     measured = [r for r in results["ratios"].values() if "median" in r]
     assert len(measured) >= 4 and all(math.isfinite(r["median"]) and r["median"] > 0 for r in measured)
-    assert results["data"]["images_per_s_per_worker"] > 0
+    assert results["data"]["images_per_s_per_worker"] > 0 and results["data"]["device_worker_samples_per_s"] > 0
+    assert results["data"]["photometric"]["samples_per_s"] > 0
 
 
 @pytest.mark.parametrize("size", [224, 96, 32])

@@ -19,9 +19,9 @@ ImageFolder, a CPU preset for each built-in set (--preset).
 """
 import argparse
 import ctypes
-import math
 import dataclasses
 import json
+import math
 import os
 import resource
 import signal
@@ -74,6 +74,12 @@ def build_parser():
                      help="data-loading processes per GPU/process (-1: for an ImageFolder the node's cores shared "
                           "among its processes, one left to each for training; 0 for built-in sets). Augmentation "
                           "bounds GPU training: bench.py measures the images/s of one worker")
+    run.add_argument("--augment-on", choices=("cpu", "device"),
+                     help="where colour jitter, grayscale, blur, solarisation and normalisation run (default: "
+                          "device on a GPU, cpu otherwise). device: the workers only decode and crop, and return "
+                          "uint8 views with every random parameter drawn for them (the same draws on any device); "
+                          "the photometric ops then run batched on the GPU, so far fewer workers keep it fed. The two paths "
+                          "draw the same distributions but not the same pixels: resume with the flag you started with")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
     run.add_argument("--knn-data",
@@ -360,7 +366,8 @@ def train(args, stop_requested):
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
     if args.keep_every < 0:
         raise UsageError(f"--keep-every {args.keep_every}: pass a number of epochs, or 0 to keep the latest only")
-    augment = data.augmentation(cfg)
+    augment_on = args.augment_on or ("device" if device.type == "cuda" else "cpu")
+    augment = data.augmentation(cfg, on=augment_on)
     if run["data"] in data.BUILTIN_DATASETS:
         splits = data.BUILTIN_DATASETS[run["data"]](cfg.seed, cfg.img_size)
         source = data.InMemoryImages(splits[0][0])
@@ -414,8 +421,8 @@ def train(args, stop_requested):
         print(f"PQCL-{cfg.framework} ({f'lambda {cfg.query_weight}' if cfg.use_queries else 'baseline, no queries'}) "
               f"{cfg.arch}{f' depth {cfg.depth}' if cfg.depth else ''}/{cfg.patch_size} at {cfg.img_size} px on "
               f"{run['data']}: {num_images} images, {world_size} x {device.type}, "
-              f"{precision} ({precision_why}), global batch {cfg.batch_size * world_size}, {total_steps} steps, "
-              f"{begin}", flush=True)
+              f"{precision} ({precision_why}), augmentation on {augment_on}, "
+              f"global batch {cfg.batch_size * world_size}, {total_steps} steps, {begin}", flush=True)
     log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
     running = dict.fromkeys([*LOSS_TERMS, "skipped"], torch.zeros((), device=device))  # sums since the last sync
     interval_steps = 0
@@ -425,6 +432,8 @@ def train(args, stop_requested):
         sampler.set_position(epoch, step - epoch * steps_per_epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if augment_on == "device":
+                batch = augment.photometric(batch)  # the views' photometry, batched, with the drawn parameters
             torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # drop path: a function of the step
             schedule = schedule_at(cfg, step, steps_per_epoch, world_size)
             step += 1
