@@ -490,6 +490,18 @@ def test_mask_ratio_distribution():
 # --------------------------------------------------------------------------------------
 
 
+def perturb_teacher_(model, std=0.05, seed=11):
+    """Move every teacher parameter away from the student's: at construction the teacher is a
+    copy of the student, so a test on a fresh model cannot tell which branch computed what.
+    (randomize_ skips the teacher: its parameters do not require grad.)"""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            if p is not model.teacher.backbone.pos_embed:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 def augmented_batch(cfg, seed=0):
     """A real collated batch from PQCLAugmentation (random uint8 images)."""
     aug = pqcl.PQCLAugmentation.from_config(cfg)
@@ -526,8 +538,9 @@ def test_update_teacher_is_ema_toward_student(head_mode):
 
 
 def test_centers_move_toward_teacher_batch_mean():
-    """Each center = m * old + (1 - m) * mean of teacher logits recomputed by hand per token type."""
-    model = tiny_pqcl(num_queries=2)
+    """Each center = m * old + (1 - m) * mean of teacher logits recomputed by hand per token type
+    (the teacher perturbed away from the student, so the student's logits would miss)."""
+    model = perturb_teacher_(tiny_pqcl(num_queries=2))
     batch = tiny_batch(model.cfg)
     old = {k: torch.randn(64) for k in ("cls", "patch", "query")}
     for kind, value in old.items():
@@ -575,8 +588,11 @@ def test_loss_weights_follow_eq9():
 
 def test_forward_loss_matches_per_view_reference():
     """PQCL.forward = the three terms rebuilt view by view, image by image, crop by crop
-    from the backbones and heads (explicit loops, random centers, eval mode)."""
-    model = tiny_pqcl(num_queries=2).eval()
+    from the backbones and heads (explicit loops, random centers, eval mode). The teacher is
+    perturbed first, and the reference names the teacher's and the student's modules, so
+    targets computed with the student's backbone or heads (or the student with the teacher's)
+    miss it."""
+    model = perturb_teacher_(tiny_pqcl(num_queries=2)).eval()
     batch = tiny_batch(model.cfg)
     for kind in ("cls", "patch", "query"):
         getattr(model, f"center_{kind}").copy_(torch.randn(64))
