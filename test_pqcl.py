@@ -393,6 +393,47 @@ def test_augmentation_shapes_and_positions(num_queries):
         assert 0 <= top and top + h <= 48 and 0 <= left and left + w <= 40 and h > 0 and w > 0
 
 
+def pixel_frame(global_view, patch=ORACLE_PATCH):
+    """A displayed global view of the coordinate image -> the map source (y, x) -> (row, col) in
+    its patch units, read off the view's own pixels alone: the source coordinate of each
+    patch row (column) is a line in the patch centre i + 0.5, fitted by least squares and
+    inverted. A flipped view shows a falling x, so its columns come out mirrored by themselves."""
+    means = patch_mean_source(global_view, patch)  # (G, G, 2) source (y, x)
+    centres = torch.arange(means.shape[0], dtype=torch.float64) + 0.5
+    design = torch.stack([torch.ones_like(centres), centres], dim=1)  # (G, 2)
+    lines = [torch.linalg.lstsq(design, means[..., axis].mean(1 - axis)[:, None]).solution.flatten()
+             for axis in (0, 1)]  # (offset, slope) of source y over rows, of source x over columns
+    return lambda yx: torch.stack([(yx[..., axis] - lines[axis][0]) / lines[axis][1] for axis in (0, 1)], dim=-1)
+
+
+def test_augmentation_positions_match_pixel_oracle_for_every_flip():
+    """PQCLAugmentation itself, its colour steps replaced by the identity, on the coordinate
+    image: in every sample, each query patch of each crop, seen in each displayed global view
+    through that view's own pixels (pixel_frame; no box or flip the augmentation reports), has
+    its centre where query_pos puts it. Flips are read off the pixels too, and over the seeds
+    every combination of view 1's, view 2's and the crop's flip occurs, so positions computed
+    with the wrong view's flip (or none) cannot pass."""
+    aug = pqcl.PQCLAugmentation(global_size=ORACLE_SIZE, query_size=ORACLE_QUERY, patch_size=ORACLE_PATCH,
+                                num_queries=2)
+    aug.global_pixels, aug.query_pixels = [lambda view: view] * 2, lambda view: view
+    image, l = coordinate_image(), ORACLE_QUERY_GRID
+    combinations = set()
+    for seed in range(24):
+        torch.manual_seed(seed)
+        out = aug(image)
+        frames = [pixel_frame(view) for view in out["globals"]]
+        global_flips = [bool(view[0, 0, -1] < view[0, 0, 0]) for view in out["globals"]]  # source x falls
+        for q, crop in enumerate(out["queries"]):
+            combinations.add((*global_flips, bool(crop[0, 0, -1] < crop[0, 0, 0])))
+            for v, frame in enumerate(frames):
+                seen = frame(patch_mean_source(crop))  # (l, l, 2) patch centres in view v
+                extent = torch.stack([seen[1, 0, 0] - seen[0, 0, 0], (seen[0, 1, 1] - seen[0, 0, 1]).abs()])
+                positions = out["query_pos"][v, q].view(l, l, 2).double()
+                assert (seen - (positions + extent / 2)).abs().max() < ORACLE_TOL, (seed, v, q)
+        assert out["global_flips"].tolist() == global_flips
+    assert combinations == set(itertools.product([False, True], repeat=3))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_augmentation_views_independent_of_framework_and_query_count(seed):
     """Same seed: iBOT/DINO and Q = 0/1/3 see identical globals; query crops are a common prefix."""
