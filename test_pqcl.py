@@ -245,6 +245,49 @@ def test_forward_student_without_queries_or_mask_is_forward(train):
         assert queries.shape[:2] == (BATCH, 0)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_drop_path_keeps_the_expectation_with_one_draw_per_sample(rate):
+    """Stochastic depth in train mode: each sample's branch is either dropped whole (zeros) or
+    kept whole and scaled by exactly 1 / (1 - rate); about `rate` of the samples are dropped
+    (5 sigma of a binomial), so the mean over draws is the input. Eval mode and rate 0 are
+    the identity. (At rate 0.5 an inverted keep mask would look right: 0.1 and 0.3 do not.)"""
+    n = 40_000
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64).expand(n, 3, 5)
+    torch.manual_seed(0)
+    out = pqcl.drop_path(x, rate, training=True)
+    dropped = (out == 0).all(-1).all(-1)  # (n,)
+    assert torch.equal(out[dropped], torch.zeros_like(out[dropped]))
+    torch.testing.assert_close(out[~dropped], x[~dropped] / (1 - rate), atol=0, rtol=1e-12)
+    sigma = math.sqrt(rate * (1 - rate) / n)
+    assert abs(dropped.double().mean().item() - rate) < 5 * sigma
+    torch.testing.assert_close(out.mean(0), x[0], atol=5 * sigma / (1 - rate) * x.abs().max().item(), rtol=0)
+    assert pqcl.drop_path(x, rate, training=False) is x
+    assert pqcl.drop_path(x, 0.0, training=True) is x
+
+
+def test_drop_path_rate_rises_linearly_over_the_blocks():
+    """DeiT / timm schedule: block i of d drops its branches at rate * i / (d - 1), from 0 in
+    the first block to the full rate in the last (attention and MLP branch alike); PQCL's
+    teacher uses rate 0 in every block. The rates are recorded as the forward passes use them."""
+    used = []
+    real = pqcl.drop_path
+
+    def recording(x, rate, training):
+        used.append(rate)
+        return real(x, rate, training)
+
+    depth, rate = 5, 0.4
+    vit = pqcl.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=depth, num_heads=HEADS,
+                                 drop_path_rate=rate).train()
+    with mock.patch.object(pqcl, "drop_path", recording):
+        vit(IMAGES.float())
+        assert used == pytest.approx([rate * i / (depth - 1) for i in range(depth) for _ in range(2)], abs=1e-7)
+        used.clear()
+        model = tiny_pqcl(drop_path_rate=0.3).train()
+        model.teacher.backbone(IMAGES.float())
+        assert used == [0.0] * 2 * DEPTH
+
+
 # --------------------------------------------------------------------------------------
 # Positions (Eq. 4)
 # --------------------------------------------------------------------------------------
