@@ -3,7 +3,9 @@ SIGKILL, SIGTERM, atomic checkpoints, export, unreadable images, bad input, the 
 
     python -m pytest test_train.py -q
 """
+import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import checkpoints
 import data
 import pqcl
 import train_ddp
+from test_pqcl import randomize_, tiny_batch, tiny_pqcl
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY_RUN = ["--arch", "vit_tiny", "--depth", "2", "--img-size", "32", "--patch-size", "8", "--query-size", "16",
@@ -71,6 +74,87 @@ def assert_states_close(a, b, atol, rtol=0.0):
 @pytest.fixture(scope="module")
 def tiny_images(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("images"))
+
+
+# a tiny model whose schedules all move within 8 steps: 2 steps per epoch, warm-ups of 2 epochs
+STEP_CONFIG = dict(drop_path_rate=0.0, epochs=4, warmup_epochs=2, warmup_teacher_temp_epochs=2, lr=0.2,
+                   batch_size=256, weight_decay=0.1, weight_decay_end=0.5, momentum_teacher=0.9)
+STEPS_PER_EPOCH = 2
+
+
+def expected_schedule(step):
+    """STEP_CONFIG's values at `step`, by the recipe's formulas: lr warms up linearly to
+    0.2 x 256 / 256 over 4 steps, weight decay and teacher momentum follow a cosine over the 8
+    steps, the teacher temperature warms up 0.04 -> 0.07 over 4 steps, and the head's last
+    layer stays frozen during the first epoch (2 steps)."""
+    cosine = 0.5 * (1 + math.cos(math.pi * step / 8))  # 1 at step 0, 0 at step 8
+    return {"lr": 0.2 * step / 4, "weight_decay": 0.5 + (0.1 - 0.5) * cosine, "momentum": 1 + (0.9 - 1) * cosine,
+            "teacher_temp": 0.04 + 0.03 * step / 4, "freeze_last_layer": step < 2}
+
+
+def reference_step(model, batch, schedule, clip=3.0, betas=(0.9, 0.999), eps=1e-8):
+    """One DINO/iBOT step written out on a fresh model: the loss at the schedule's teacher
+    temperature, each gradient tensor clipped to norm `clip` on its own, the head's last
+    layer left out while frozen, then AdamW's first step by hand (decoupled decay
+    p (1 - lr wd), none on biases and norms; update lr m^ / (sqrt(v^) + eps) = lr g / (|g| + eps)),
+    then the EMA teacher. Changes `model` in place; returns the loss and the gradients fed."""
+    out = model(batch, teacher_temp=schedule["teacher_temp"])
+    out["loss"].backward()
+    fed = {}
+    with torch.no_grad():
+        for name, p in model.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            frozen = schedule["freeze_last_layer"] and ".last_layer." in name
+            fed[name] = None if frozen else p.grad * min(1.0, clip / (p.grad.norm().item() + 1e-6))
+            if frozen:
+                continue
+            module = name.split(".")[-2]
+            decay = 0.0 if name.endswith(".bias") or module.startswith("norm") else schedule["weight_decay"]
+            first_moment, second_moment = (1 - betas[0]) * fed[name], (1 - betas[1]) * fed[name] ** 2
+            update = (first_moment / (1 - betas[0])) / ((second_moment / (1 - betas[1])).sqrt() + eps)
+            p.mul_(1 - schedule["lr"] * decay).sub_(schedule["lr"] * update)
+        student = dict(model.student.named_parameters())
+        for name, t in model.teacher.named_parameters():
+            t.copy_(schedule["momentum"] * t + (1 - schedule["momentum"]) * student[name])
+    return out["loss"].detach(), fed
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_train_step_is_the_reference_step(step):
+    """train_step with schedule_at's values equals the reference step on a tiny model (student
+    randomised, so the teacher differs and some gradients exceed the clip while others do
+    not): the schedule at that step, the gradients handed to AdamW (clipped per tensor; no
+    last layer at step 1, the first epoch), the student after the step (no decay on biases and
+    norms) and the EMA teacher."""
+    model = randomize_(tiny_pqcl(**STEP_CONFIG).train(), seed=2)
+    batch = tiny_batch(model.cfg)
+    schedule = train_ddp.schedule_at(model.cfg, step, STEPS_PER_EPOCH)
+    assert schedule.keys() == expected_schedule(step).keys()
+    assert schedule == pytest.approx(expected_schedule(step), rel=1e-12)
+    reference = copy.deepcopy(model)
+    expected_loss, expected_fed = reference_step(reference, batch, expected_schedule(step))
+
+    optimizer = train_ddp.make_optimizer(model, torch.device("cpu"))
+    fed = {}
+    names = {p: name for name, p in model.student.named_parameters()}
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: fed.update(
+        {names[p]: None if p.grad is None else p.grad.clone() for group in opt.param_groups for p in group["params"]}))
+    terms = train_ddp.train_step(model, optimizer, batch, schedule)
+
+    torch.testing.assert_close(terms["loss"], expected_loss, atol=0, rtol=0)
+    assert fed.keys() == expected_fed.keys()
+    raw_norms = [p.grad.norm().item() for p in reference.student.parameters() if p.grad is not None]
+    assert min(raw_norms) < 3.0 < max(raw_norms)  # so the clip matters, and not everywhere
+    assert any(".last_layer." in name for name in fed)
+    for name, grad in fed.items():
+        assert (grad is None) == (expected_fed[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(grad, expected_fed[name], atol=1e-7, rtol=1e-6, msg=name)
+    for part in ("student", "teacher"):
+        expected = dict(getattr(reference, part).named_parameters())
+        for name, p in getattr(model, part).named_parameters():
+            torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=1e-6, msg=f"{part}.{name}")
 
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_images, tmp_path):
