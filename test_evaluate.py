@@ -67,6 +67,22 @@ def test_knn_matches_brute_force_in_chunks(k):
     assert evaluate.knn_top1(train, train_labels, test, (reference + 1) % 4, k, 0.07, chunk=7) == 0.0
 
 
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_scores_normalise_the_features(k):
+    """The protocol (evaluate.knn_scores) on raw features whose norms span 1e-2 to 1e2 predicts
+    as the cosine brute force: labels set to its predictions score 100%, shifted 0%. On these
+    norms a dot product, unnormalised, picks other neighbours and other weights."""
+    gen = torch.Generator().manual_seed(k)
+    train, test = torch.randn(60, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    train = train * torch.logspace(-2, 2, 60)[torch.randperm(60, generator=gen)][:, None]
+    test = test * torch.logspace(-2, 2, 23)[torch.randperm(23, generator=gen)][:, None]
+    train_labels = torch.randint(4, (60,), generator=gen)
+    reference = brute_force_knn(train, train_labels, test, k, 0.07)
+    for labels, expected in ((reference, 100.0), ((reference + 1) % 4, 0.0)):
+        assert evaluate.knn_scores(train, train_labels, test, labels, ks=(k,), temperature=0.07) == \
+               {f"knn_top1_k{k}": expected}
+
+
 def test_segmentation_scores_by_hand():
     """Confusion matrix and mIoU / pixel accuracy of 8 hand-labelled pixels; class 3 is only
     predicted, never a target, so it is not in the mean."""
