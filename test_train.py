@@ -71,6 +71,44 @@ def assert_states_close(a, b, atol, rtol=0.0):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=name)
 
 
+# Runs compared with each other must move the weights far more than the comparison's
+# tolerance: a peak lr of 0.5 x batch / 256 (AdamW moves each weight by about that per step)
+# and a teacher that goes half-way to the student every step move every tensor by 1e-3 to
+# 1e-2 in a few steps, where the recipe's lr and momentum 0.996 moved the teacher by 1e-7.
+MOVING = ["--lr", "0.5", "--momentum-teacher", "0.5"]
+
+
+def initial_state(checkpoint):
+    """The student, teacher and centers the run of `checkpoint` started from (train_ddp.py
+    seeds the model with the config's seed)."""
+    cfg = pqcl.Config(**checkpoint["config"])
+    torch.manual_seed(cfg.seed)
+    model = pqcl.PQCL(cfg)
+    return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+            "centers": {name: getattr(model, name) for name in checkpoint["centers"]}}
+
+
+def assert_moved(start, end, far_beyond):
+    """Every tensor but the fixed positions and the last layer (frozen in the first epoch)
+    changed by more than `far_beyond` somewhere."""
+    assert start.keys() == end.keys()
+    for name in end:
+        if not name.endswith("pos_embed") and ".last_layer." not in name:
+            assert (end[name] - start[name]).abs().max() > far_beyond, name
+
+
+def without_key_bias(state):
+    """The state with the key third of each qkv bias zeroed. Attention ignores the key bias (it
+    adds the same q.b to all scores of a query), so its gradient is rounding noise, which AdamW's
+    g / (|g| + eps) turns into steps of the full lr that differ with the order of summation."""
+    state = dict(state)
+    for name, value in state.items():
+        if name.endswith("attn.qkv.bias"):
+            dim = len(value) // 3
+            state[name] = torch.cat([value[:dim], torch.zeros(dim), value[2 * dim:]])
+    return state
+
+
 @pytest.fixture(scope="module")
 def tiny_images(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("images"))
@@ -159,8 +197,10 @@ def test_train_step_is_the_reference_step(step):
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_images, tmp_path):
     """torchrun, 2 gloo processes x batch 4 == 1 process x batch 8: same logged losses every
-    step and the same student and teacher weights (no drop path, so no per-rank randomness)."""
-    common = [*TINY_RUN, "--data", tiny_images, "--max-steps", "3", "--drop-path-rate", "0"]
+    step and the same student, teacher and centers (no drop path, so no per-rank randomness):
+    within 2e-6, where the 3 steps moved every tensor by more than 1000 times that (MOVING).
+    Only the key bias, whose gradient is noise (without_key_bias), is left out."""
+    common = [*TINY_RUN, *MOVING, "--data", tiny_images, "--max-steps", "3", "--drop-path-rate", "0"]
     single = run_cli([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -174,16 +214,20 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_image
             assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-5), (a["step"], term)
     one, two = load(tmp_path / "one"), load(tmp_path / "two")
     assert two["world_size"] == 2 and one["step"] == two["step"] == 3
+    start = initial_state(one)
     for part in ("student", "teacher", "centers"):
-        assert_states_close(one[part], two[part], atol=2e-5)
+        assert_moved(start[part], one[part], far_beyond=1000 * 2e-6)
+        assert_states_close(without_key_bias(one[part]), without_key_bias(two[part]), atol=2e-6)
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_images, tmp_path):
     """A run killed with SIGKILL after its first checkpoint and continued with --resume ends
-    with the same teacher (atol 1e-6) as an uninterrupted run of the same seed; the
-    checkpoint the kill left behind is whole (it loads, and holds a completed step)."""
-    common = [*TINY_RUN, "--data", tiny_images, "--max-steps", "8", "--ckpt-every", "2", "--batch-size", "4",
-              "--drop-path-rate", "0.2"]
+    with the same student, teacher and centers (atol 1e-6) as an uninterrupted run of the same
+    seed, where the run moved every tensor by more than 1000 times that (MOVING), also after
+    the checkpoint the kill left behind; that checkpoint is whole (it loads, and holds a
+    completed step)."""
+    common = [*TINY_RUN, *MOVING, "--data", tiny_images, "--max-steps", "8", "--ckpt-every", "2",
+              "--batch-size", "4", "--drop-path-rate", "0.2"]
     whole = run_cli([*common, "--output-dir", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     killed_dir = tmp_path / "killed"
@@ -194,15 +238,17 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_images, tm
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted_at = load(killed_dir)["step"]
+    interrupted = load(killed_dir)
+    interrupted_at = interrupted["step"]
     assert 2 <= interrupted_at < 8
     resumed = run_cli([*common, "--output-dir", str(killed_dir), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {interrupted_at}" in resumed.stdout
     final, reference = load(killed_dir), load(tmp_path / "whole")
     assert final["step"] == reference["step"] == 8
-    assert_states_close(final["teacher"], reference["teacher"], atol=1e-6)
-    assert_states_close(final["student"], reference["student"], atol=1e-6)
+    for part in ("student", "teacher", "centers"):
+        assert_moved(interrupted[part], reference[part], far_beyond=1000 * 1e-6)
+        assert_states_close(final[part], reference[part], atol=1e-6)
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny_images, tmp_path):
