@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from PIL import Image
 
 import checkpoints
 import data
+import evaluate
 import pqcl
 import train_ddp
+from test_evaluate import brute_force_knn
 from test_pqcl import randomize_, tiny_batch, tiny_pqcl
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -373,13 +376,31 @@ def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
 
 
 def test_default_run_shortened_end_to_end(tmp_path, capsys):
-    """`python train_ddp.py --max-steps 3`: the embedded default runs, logs and exports, and
-    eval.json holds both k-NN figures (percentages)."""
-    assert train_ddp.main(["--max-steps", "3", "--output-dir", str(tmp_path)]) == 0
+    """`python train_ddp.py --max-steps 3` (the embedded set cut to 128 + 48 images, the weights
+    moved far from their start by MOVING): the embedded default runs, logs and exports, and
+    eval.json's two k-NN figures are the cosine k-NN (k = 20, T = 0.07) recomputed by brute
+    force on the test split, from the exported backbone.pth and from the initialisation of the
+    run's seed, whose predictions differ (so the two figures cannot be swapped unseen)."""
+    with mock.patch.multiple(data, EMBEDDED_TRAIN=128, EMBEDDED_TEST=48):
+        assert train_ddp.main(["--max-steps", "3", *MOVING, "--output-dir", str(tmp_path)]) == 0
+        (train_images, train_labels, _), (test_images, test_labels, _) = data.embedded_splits(0, 32)
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert 0 <= result["knn_top1"] <= 100 and 0 <= result["knn_top1_random_init"] <= 100
     assert (tmp_path / "backbone.pth").exists() and read_log(tmp_path)[-1]["step"] == 3
     assert "k-NN top-1" in capsys.readouterr().out
+    assert (result["k"], result["temperature"], result["train_images"], result["test_images"]) == (20, 0.07, 128, 48)
+    trained = pqcl.build_backbone("vit_tiny", depth=4, img_size=32, patch_size=4)
+    trained.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True))
+    initial = pqcl.build_backbone("vit_tiny", depth=4, img_size=32, patch_size=4)
+    initial.load_state_dict({k.removeprefix("backbone."): v for k, v in initial_state(load(tmp_path))["teacher"].items()
+                             if k.startswith("backbone.")})
+    predictions = {}
+    for name, backbone in (("knn_top1", trained), ("knn_top1_random_init", initial)):
+        train_features, test_features = (evaluate.backbone_features(backbone.eval(), images, keep_patches=False)["image"]
+                                         for images in (train_images, test_images))
+        predictions[name] = brute_force_knn(train_features, train_labels, test_features, 20, 0.07)
+        assert result[name] == pytest.approx(100 * (predictions[name] == test_labels).double().mean().item(),
+                                             abs=1e-9), name
+    assert (predictions["knn_top1"] != predictions["knn_top1_random_init"]).any()
 
 
 def test_resumable_sampler_deals_whole_global_batches():
