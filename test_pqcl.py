@@ -15,11 +15,13 @@ import itertools
 import json
 import math
 import re
+import statistics
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.utils.flop_counter
 import torchvision.transforms.v2 as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1053,16 +1055,78 @@ def test_bench_naive_path_computes_the_fast_loss():
     torch.testing.assert_close(naive_center, fast_center)
 
 
-def test_bench_quick_run_writes_finite_positive_figures(tmp_path):
+def math_attention(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v with plain matmuls, which torch's FLOP counter sees (it does
+    not count the CPU's fused scaled_dot_product_attention)."""
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+def counted_forward_flops(model, batch):
+    """Matmul FLOPs of one forward, counted by torch.utils.flop_counter and split by branch:
+    the patch embedding, each block and each head of the teacher and of the student (the
+    losses' einsum lies outside them, as bench.step_flops leaves losses out)."""
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", math_attention):
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            model(batch)
+    counts = {}
+    for name, per_op in counter.get_flop_counts().items():
+        match = re.fullmatch(r"\w+\.(teacher|student)\.(backbone\.patch_embed|backbone\.blocks\.\d+|heads\.\w+)", name)
+        if match:
+            counts[match[1]] = counts.get(match[1], 0) + sum(per_op.values())
+    return counts
+
+
+@pytest.mark.parametrize("naive", [False, True])
+@pytest.mark.parametrize("framework,num_queries,query_weight", [("ibot", 2, 1.0), ("dino", 1, 1.0), ("ibot", 1, 0.0)])
+def test_bench_flop_formula_counts_the_matmuls(naive, framework, num_queries, query_weight):
+    """bench.step_flops (the module docstring's formulas) gives exactly the matmul FLOPs torch's
+    counter sees in the teacher's and the student's forward, fast and naive path, iBOT (masked
+    patches through the student head) and DINO, with and without query crops."""
+    cfg = tiny_config(framework=framework, num_queries=num_queries, query_weight=query_weight)
+    with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
+        model = bench.build_model(cfg, naive=naive)
+        batch = bench.synthetic_batch(cfg, BATCH, seed=1)
+        expected = bench.step_flops(cfg, BATCH, bench.masked_tokens(cfg, batch), naive)
+        counted = counted_forward_flops(model, batch)
+    assert counted == {"teacher": expected["teacher"], "student": expected["student_forward"]}
+    assert expected["total"] == expected["teacher"] + 3 * expected["student_forward"]
+
+
+def test_bench_quick_run_figures_agree_with_each_other(tmp_path):
+    """The quick run's figures hold together exactly: s/step is the median of the step times,
+    img/s and TFLOP/s follow from it; variants that differ only in precision count the same
+    FLOPs; PQCL-iBOT's extra FLOPs over iBOT (same batches, so the same masked tokens) are the
+    query branch by formula; the fast-vs-naive ratio is made of the two variants' step times."""
     assert bench.main(["--quick", "--threads", "1", "--json", str(tmp_path / "bench.json")]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert len(results["figures"]) >= 4
-    for figure in results["figures"].values():
-        for key in ("s_per_step", "images_per_s", "gflop_per_step", "tflops", "resting_mb"):
-            assert math.isfinite(figure[key]) and figure[key] > 0, key
-        assert figure["step_mb"] is None or figure["step_mb"] > 0
-    measured = [r for r in results["ratios"].values() if "median" in r]
-    assert len(measured) >= 4 and all(math.isfinite(r["median"]) and r["median"] > 0 for r in measured)
+    figures = {(f["naive"], f["precision"], f["query_weight"]): f for f in results["figures"].values()}
+    assert set(figures) == {(False, "fp32", 1.0), (True, "fp32", 1.0), (False, "fp32", 0.0), (False, "bf16", 1.0)}
+    for f in figures.values():
+        assert f["steps"] == len(f["step_times_s"]) >= 2
+        assert f["s_per_step"] == statistics.median(f["step_times_s"])
+        assert f["images_per_s"] == pytest.approx(f["batch_size"] / f["s_per_step"], rel=1e-12)
+        assert f["tflops"] == pytest.approx(f["gflop_per_step"] / 1e3 / f["s_per_step"], rel=1e-12)
+        assert f["peak_mb"] is None or f["peak_mb"] == pytest.approx(f["resting_mb"] + f["step_mb"], rel=1e-12)
+    pqcl_fast, ibot = figures[False, "fp32", 1.0], figures[False, "fp32", 0.0]
+    assert figures[False, "bf16", 1.0]["gflop_per_step"] == pqcl_fast["gflop_per_step"]
+    # the query branch by hand (ViT-T, D 192): the teacher on each crop with its own [CLS], the
+    # L query tokens in every student block (keys: the R raw tokens and the crop's own) and heads
+    cfg = bench.plan(torch.device("cpu"), quick=True)["figures"][0]
+    D, depth, P, B, V = 192, cfg.depth, cfg.patch_size, pqcl_fast["batch_size"], 2
+    N, L, K = (cfg.img_size // P) ** 2, (cfg.query_size // P) ** 2, cfg.out_dim
+    R, head = 1 + N, 2 * (D * cfg.hidden_dim + cfg.hidden_dim ** 2 + cfg.hidden_dim * cfg.bottleneck_dim
+                          + cfg.bottleneck_dim * K)
+    crop_teacher = B * (2 * L * 3 * P * P * D + depth * (24 * D * D * (1 + L) + 4 * D * (1 + L) ** 2)) + head * B * L
+    query_student = V * B * depth * (24 * D * D * L + 4 * D * L * (R + L)) + head * V * B * L
+    assert (pqcl_fast["gflop_per_step"] - ibot["gflop_per_step"]) * 1e9 == \
+           pytest.approx(crop_teacher + 3 * query_student, rel=1e-9)
+    speed_up = results["ratios"]["fast vs naive (ViT-T): speed-up"]
+    naive = figures[True, "fp32", 1.0]
+    assert speed_up["variants"] == [naive["label"], pqcl_fast["label"]]
+    assert speed_up["per_pair"] == [a / b for a, b in zip(naive["step_times_s"], pqcl_fast["step_times_s"])]
+    for ratio in (r for r in results["ratios"].values() if "per_pair" in r):
+        assert ratio["median"] == statistics.median(ratio["per_pair"])
+        assert (ratio["min"], ratio["max"]) == (min(ratio["per_pair"]), max(ratio["per_pair"]))
     assert results["data"]["images_per_s_per_worker"] > 0
 
 
