@@ -1005,26 +1005,48 @@ def test_picture_attention_reproduces_the_last_block(num_queries):
         assert torch.allclose(mixed, expected, atol=1e-5)
 
 
+def student_prototypes(model, sample):
+    """The student's prototype ids of the first query crop from each view (V, L): its
+    backbone on each global view with the crop's positions there, then its head's argmax."""
+    with torch.no_grad():
+        ids = []
+        for v in range(len(sample["globals"])):
+            _, queries = model.student.backbone.forward_student(sample["globals"][v:v + 1], sample["query_pos"][v:v + 1])
+            ids.append(model.student.heads["cls"](queries[0, 0]).argmax(-1))  # (L,)
+        return torch.stack(ids)
+
+
 def test_picture_command_writes_png_of_layout_size(tmp_path, capsys):
     """The command on a tiny checkpoint and an image file writes one PNG of the layout's
-    size: 2 rows of (4 + marked patches) cells, and prints the agreement it drew."""
-    model = tiny_pqcl()
-    model.center_query.normal_(generator=torch.Generator().manual_seed(0))
+    size: 2 rows of (4 + marked patches) cells, and prints the agreement of the teacher's and
+    the student's prototypes per view, recomputed here: the views drawn with the command's seed,
+    the student's ids from each view (student_prototypes), and a center that makes the
+    teacher's centered argmax prototype j everywhere (j the most frequent id from view A), so
+    the agreement of a view is the share of its ids equal to j."""
+    model = tiny_pqcl(query_size=12).eval()  # 3 x 3 query patches
+    image = torch.randint(0, 256, (20, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "source.png")
+    with Image.open(tmp_path / "source.png") as source, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the command's default --seed
+        student_ids = student_prototypes(model, data.augmentation(model.cfg)(source.convert("RGB")))  # (V, L)
+    j = student_ids[0].mode().values.item()
+    model.center_query.fill_(0.0)[j] = -1e4  # teacher logits lie within +-|g| = 1: argmax j everywhere
+    expected = [(ids == j).double().mean().item() for ids in student_ids]
+    assert expected[0] != expected[1]  # so views swapped, or one view's share printed twice, show
     checkpoint = {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
                   "centers": {"center_query": model.center_query}, "config": dataclasses.asdict(model.cfg), "step": 7}
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    image = torch.randint(0, 256, (20, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    Image.fromarray(image.numpy()).save(tmp_path / "source.png")
     with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
         status = visualize.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
                                  str(tmp_path / "source.png"), "--out", str(tmp_path / "pictures")])
     assert status == 0
-    marked = visualize.marked_patches(QUERY // PATCH)
+    marked = visualize.marked_patches(3)
     layout = visualize.Layout(IMG, len(marked))
-    assert len(marked) == 4 and layout.columns == 8 and layout.rows == 2
+    assert layout.columns == 4 + len(marked) and layout.rows == 2
     with Image.open(tmp_path / "pictures" / "source.png") as picture:
         assert picture.size == (layout.width, layout.height)
-    assert re.search(r"agreement view A \d+%, view B \d+%, mean \d+%", capsys.readouterr().out)
+    a, b = expected
+    assert f"agreement view A {a:.0%}, view B {b:.0%}, mean {(a + b) / 2:.0%}" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------
