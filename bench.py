@@ -36,7 +36,8 @@ with D width, d depth, P patch, h, b, K the head widths (2048, 256, 8192):
                         every token k = R + QL (the masked entries are computed too)
     head, per token     2 * (D h + h h + h b + b K), on the tokens it runs on: teacher on
                         [CLS], all patches and the query crops' patches; student on [CLS],
-                        the M masked patches and the query tokens (naive: on every token)
+                        the M masked patches and the query tokens (naive: on every token;
+                        DINO has no patch term, so [CLS] and the query tokens only)
     step                teacher forward + 3 x student forward (backward = 2 x forward)
 Achieved TFLOP/s divides each variant's own count by its median step time.
 
@@ -188,7 +189,7 @@ def step_flops(cfg, batch_size, masked, naive=False):
                + head * (V * B * (1 + N * ibot) + B * Q * L))
     T = R + Q * L
     if naive:
-        student = V * B * vit(N, T, T * T) + head * V * B * T
+        student = V * B * vit(N, T, T * T) + head * V * B * (T if ibot else 1 + Q * L)  # DINO: no patch term
     else:
         student = V * B * vit(N, T, R * R + Q * L * (R + L)) + head * (V * B + masked + V * B * Q * L)
     return {"teacher": teacher, "student_forward": student, "total": teacher + 3 * student}

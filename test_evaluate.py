@@ -97,6 +97,22 @@ def test_knn_top5_and_several_k_match_brute_force():
             assert correct[row, 1] == ((labels >= 0).sum() if hit else 0), (k, choice)
 
 
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_scores_normalise_the_features(k):
+    """The protocol (evaluate.knn_scores) on raw features whose norms span 1e-2 to 1e2 predicts
+    as the cosine brute force: labels set to its predictions score 100%, shifted 0%. On these
+    norms a dot product, unnormalised, picks other neighbours and other weights."""
+    gen = torch.Generator().manual_seed(k)
+    train, test = torch.randn(60, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    train = train * torch.logspace(-2, 2, 60)[torch.randperm(60, generator=gen)][:, None]
+    test = test * torch.logspace(-2, 2, 23)[torch.randperm(23, generator=gen)][:, None]
+    train_labels = torch.randint(4, (60,), generator=gen)
+    reference = brute_force_knn(train, train_labels, test, k, 0.07)
+    for labels, expected in ((reference, 100.0), ((reference + 1) % 4, 0.0)):
+        assert evaluate.knn_scores(train, train_labels, test, labels, ks=(k,), temperature=0.07) == \
+               {f"knn_top1_k{k}": expected}
+
+
 def test_segmentation_scores_by_hand():
     """Confusion matrix and mIoU / pixel accuracy of 8 hand-labelled pixels; class 3 is only
     predicted, never a target, so it is not in the mean."""
@@ -298,6 +314,45 @@ def test_tiny_benchmark_embedded(tiny_benchmark):
 def test_tiny_benchmark_fashion_mnist(tiny_benchmark):
     out, _, report = tiny_benchmark
     check_benchmark_rows(out, report, "fashion-mnist")
+
+
+def test_tiny_benchmark_baselines_are_the_methods_common_start(tiny_benchmark):
+    """The baseline rows do not depend on the method, the method rows do: the four runs (one
+    seed) start from the same teacher backbone, built from their configs, and end with four
+    different ones; the 'random init' row's k-NN is the cosine brute force on that start's
+    features, the 'raw pixels' row's on the pixels, over the same 96 + 48 images."""
+    out, _, report = tiny_benchmark
+    rows = report["results"]["embedded"]
+    starts, ends = [], []
+    for row in compare.METHODS:
+        checkpoint = torch.load(os.path.join(compare.run_folder(out, "embedded", row, 0), "checkpoint.pth"),
+                                weights_only=True)
+        cfg = pqcl.Config(**checkpoint["config"])
+        torch.manual_seed(cfg.seed)  # as train_ddp.py seeds the model
+        starts.append(pqcl.PQCL(cfg).teacher.backbone.eval())
+        ends.append({k: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")})
+    start_state = starts[0].state_dict()
+    for backbone in starts[1:]:
+        assert all(torch.equal(v, start_state[k]) for k, v in backbone.state_dict().items())
+    for i, end in enumerate(ends):
+        assert any(not torch.equal(v, start_state[k.removeprefix("backbone.")]) for k, v in end.items())
+        assert all(any(not torch.equal(v, other[k]) for k, v in end.items()) for other in ends[i + 1:])
+    with small_embedded():
+        (train_images, train_labels, _), (test_images, test_labels, _) = evaluate.first(
+            data.embedded_splits(0, cfg.img_size), 96, 48)
+    features = {"random init": [evaluate.backbone_features(starts[0], images, keep_patches=False)
+                                for images in (train_images, test_images)],
+                "raw pixels": [{"image": images.flatten(1).float() / 255} for images in (train_images, test_images)]}
+    for row, (train, test) in features.items():
+        for k in (10, 20):
+            predictions = brute_force_knn(train["image"], train_labels, test["image"], k, 0.07)
+            assert rows[row][f"knn_top1_k{k}"]["mean"] == pytest.approx(
+                100 * (predictions == test_labels).double().mean().item(), abs=1e-9), (row, k)
+        # k-NN scores of two random inits often coincide on 48 images; their linear probes do not
+        for kind, metric in (("image", "linear_top1"), ("cls_avgpool", "linear_top1_cls_avgpool")):
+            if kind in train:
+                assert rows[row][metric]["mean"] == evaluate.linear_top1(train[kind], train_labels, test[kind],
+                                                                         test_labels, seed=0), (row, metric)
 
 
 def test_benchmark_resumes(tiny_benchmark, capsys):

@@ -15,11 +15,13 @@ import itertools
 import json
 import math
 import re
+import statistics
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.utils.flop_counter
 import torchvision.transforms.v2 as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -245,6 +247,49 @@ def test_forward_student_without_queries_or_mask_is_forward(train):
         assert queries.shape[:2] == (BATCH, 0)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_drop_path_keeps_the_expectation_with_one_draw_per_sample(rate):
+    """Stochastic depth in train mode: each sample's branch is either dropped whole (zeros) or
+    kept whole and scaled by exactly 1 / (1 - rate); about `rate` of the samples are dropped
+    (5 sigma of a binomial), so the mean over draws is the input. Eval mode and rate 0 are
+    the identity. (At rate 0.5 an inverted keep mask would look right: 0.1 and 0.3 do not.)"""
+    n = 40_000
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64).expand(n, 3, 5)
+    torch.manual_seed(0)
+    out = pqcl.drop_path(x, rate, training=True)
+    dropped = (out == 0).all(-1).all(-1)  # (n,)
+    assert torch.equal(out[dropped], torch.zeros_like(out[dropped]))
+    torch.testing.assert_close(out[~dropped], x[~dropped] / (1 - rate), atol=0, rtol=1e-12)
+    sigma = math.sqrt(rate * (1 - rate) / n)
+    assert abs(dropped.double().mean().item() - rate) < 5 * sigma
+    torch.testing.assert_close(out.mean(0), x[0], atol=5 * sigma / (1 - rate) * x.abs().max().item(), rtol=0)
+    assert pqcl.drop_path(x, rate, training=False) is x
+    assert pqcl.drop_path(x, 0.0, training=True) is x
+
+
+def test_drop_path_rate_rises_linearly_over_the_blocks():
+    """DeiT / timm schedule: block i of d drops its branches at rate * i / (d - 1), from 0 in
+    the first block to the full rate in the last (attention and MLP branch alike); PQCL's
+    teacher uses rate 0 in every block. The rates are recorded as the forward passes use them."""
+    used = []
+    real = pqcl.drop_path
+
+    def recording(x, rate, training):
+        used.append(rate)
+        return real(x, rate, training)
+
+    depth, rate = 5, 0.4
+    vit = pqcl.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=depth, num_heads=HEADS,
+                                 drop_path_rate=rate).train()
+    with mock.patch.object(pqcl, "drop_path", recording):
+        vit(IMAGES.float())
+        assert used == pytest.approx([rate * i / (depth - 1) for i in range(depth) for _ in range(2)], abs=1e-7)
+        used.clear()
+        model = tiny_pqcl(drop_path_rate=0.3).train()
+        model.teacher.backbone(IMAGES.float())
+        assert used == [0.0] * 2 * DEPTH
+
+
 # --------------------------------------------------------------------------------------
 # Positions (Eq. 4)
 # --------------------------------------------------------------------------------------
@@ -395,6 +440,47 @@ def test_augmentation_shapes_and_positions(num_queries):
         assert 0 <= top and top + h <= 48 and 0 <= left and left + w <= 40 and h > 0 and w > 0
 
 
+def pixel_frame(global_view, patch=ORACLE_PATCH):
+    """A displayed global view of the coordinate image -> the map source (y, x) -> (row, col) in
+    its patch units, read off the view's own pixels alone: the source coordinate of each
+    patch row (column) is a line in the patch centre i + 0.5, fitted by least squares and
+    inverted. A flipped view shows a falling x, so its columns come out mirrored by themselves."""
+    means = patch_mean_source(global_view, patch)  # (G, G, 2) source (y, x)
+    centres = torch.arange(means.shape[0], dtype=torch.float64) + 0.5
+    design = torch.stack([torch.ones_like(centres), centres], dim=1)  # (G, 2)
+    lines = [torch.linalg.lstsq(design, means[..., axis].mean(1 - axis)[:, None]).solution.flatten()
+             for axis in (0, 1)]  # (offset, slope) of source y over rows, of source x over columns
+    return lambda yx: torch.stack([(yx[..., axis] - lines[axis][0]) / lines[axis][1] for axis in (0, 1)], dim=-1)
+
+
+def test_augmentation_positions_match_pixel_oracle_for_every_flip():
+    """PQCLAugmentation itself, its colour steps replaced by the identity, on the coordinate
+    image: in every sample, each query patch of each crop, seen in each displayed global view
+    through that view's own pixels (pixel_frame; no box or flip the augmentation reports), has
+    its centre where query_pos puts it. Flips are read off the pixels too, and over the seeds
+    every combination of view 1's, view 2's and the crop's flip occurs, so positions computed
+    with the wrong view's flip (or none) cannot pass."""
+    aug = pqcl.PQCLAugmentation(global_size=ORACLE_SIZE, query_size=ORACLE_QUERY, patch_size=ORACLE_PATCH,
+                                num_queries=2)
+    aug.global_pixels, aug.query_pixels = [lambda view: view] * 2, lambda view: view
+    image, l = coordinate_image(), ORACLE_QUERY_GRID
+    combinations = set()
+    for seed in range(24):
+        torch.manual_seed(seed)
+        out = aug(image)
+        frames = [pixel_frame(view) for view in out["globals"]]
+        global_flips = [bool(view[0, 0, -1] < view[0, 0, 0]) for view in out["globals"]]  # source x falls
+        for q, crop in enumerate(out["queries"]):
+            combinations.add((*global_flips, bool(crop[0, 0, -1] < crop[0, 0, 0])))
+            for v, frame in enumerate(frames):
+                seen = frame(patch_mean_source(crop))  # (l, l, 2) patch centres in view v
+                extent = torch.stack([seen[1, 0, 0] - seen[0, 0, 0], (seen[0, 1, 1] - seen[0, 0, 1]).abs()])
+                positions = out["query_pos"][v, q].view(l, l, 2).double()
+                assert (seen - (positions + extent / 2)).abs().max() < ORACLE_TOL, (seed, v, q)
+        assert out["global_flips"].tolist() == global_flips
+    assert combinations == set(itertools.product([False, True], repeat=3))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_augmentation_views_independent_of_framework_and_query_count(seed):
     """Same seed: iBOT/DINO and Q = 0/1/3 see identical globals; query crops are a common prefix."""
@@ -492,6 +578,18 @@ def test_mask_ratio_distribution():
 # --------------------------------------------------------------------------------------
 
 
+def perturb_teacher_(model, std=0.05, seed=11):
+    """Move every teacher parameter away from the student's: at construction the teacher is a
+    copy of the student, so a test on a fresh model cannot tell which branch computed what.
+    (randomize_ skips the teacher: its parameters do not require grad.)"""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            if p is not model.teacher.backbone.pos_embed:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 def augmented_batch(cfg, seed=0):
     """A real collated batch from PQCLAugmentation (random uint8 images)."""
     aug = pqcl.PQCLAugmentation.from_config(cfg)
@@ -528,8 +626,9 @@ def test_update_teacher_is_ema_toward_student(head_mode):
 
 
 def test_centers_move_toward_teacher_batch_mean():
-    """Each center = m * old + (1 - m) * mean of teacher logits recomputed by hand per token type."""
-    model = tiny_pqcl(num_queries=2)
+    """Each center = m * old + (1 - m) * mean of teacher logits recomputed by hand per token type
+    (the teacher perturbed away from the student, so the student's logits would miss)."""
+    model = perturb_teacher_(tiny_pqcl(num_queries=2))
     batch = tiny_batch(model.cfg)
     old = {k: torch.randn(64) for k in ("cls", "patch", "query")}
     for kind, value in old.items():
@@ -577,8 +676,11 @@ def test_loss_weights_follow_eq9():
 
 def test_forward_loss_matches_per_view_reference():
     """PQCL.forward = the three terms rebuilt view by view, image by image, crop by crop
-    from the backbones and heads (explicit loops, random centers, eval mode)."""
-    model = tiny_pqcl(num_queries=2).eval()
+    from the backbones and heads (explicit loops, random centers, eval mode). The teacher is
+    perturbed first, and the reference names the teacher's and the student's modules, so
+    targets computed with the student's backbone or heads (or the student with the teacher's)
+    miss it."""
+    model = perturb_teacher_(tiny_pqcl(num_queries=2)).eval()
     batch = tiny_batch(model.cfg)
     for kind in ("cls", "patch", "query"):
         getattr(model, f"center_{kind}").copy_(torch.randn(64))
@@ -1027,26 +1129,48 @@ def test_picture_attention_reproduces_the_last_block(num_queries):
         assert torch.allclose(mixed, expected, atol=1e-5)
 
 
+def student_prototypes(model, sample):
+    """The student's prototype ids of the first query crop from each view (V, L): its
+    backbone on each global view with the crop's positions there, then its head's argmax."""
+    with torch.no_grad():
+        ids = []
+        for v in range(len(sample["globals"])):
+            _, queries = model.student.backbone.forward_student(sample["globals"][v:v + 1], sample["query_pos"][v:v + 1])
+            ids.append(model.student.heads["cls"](queries[0, 0]).argmax(-1))  # (L,)
+        return torch.stack(ids)
+
+
 def test_picture_command_writes_png_of_layout_size(tmp_path, capsys):
     """The command on a tiny checkpoint and an image file writes one PNG of the layout's
-    size: 2 rows of (4 + marked patches) cells, and prints the agreement it drew."""
-    model = tiny_pqcl()
-    model.center_query.normal_(generator=torch.Generator().manual_seed(0))
+    size: 2 rows of (4 + marked patches) cells, and prints the agreement of the teacher's and
+    the student's prototypes per view, recomputed here: the views drawn with the command's seed,
+    the student's ids from each view (student_prototypes), and a center that makes the
+    teacher's centered argmax prototype j everywhere (j the most frequent id from view A), so
+    the agreement of a view is the share of its ids equal to j."""
+    model = tiny_pqcl(query_size=12).eval()  # 3 x 3 query patches
+    image = torch.randint(0, 256, (20, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "source.png")
+    with Image.open(tmp_path / "source.png") as source, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the command's default --seed
+        student_ids = student_prototypes(model, data.augmentation(model.cfg)(source.convert("RGB")))  # (V, L)
+    j = student_ids[0].mode().values.item()
+    model.center_query.fill_(0.0)[j] = -1e4  # teacher logits lie within +-|g| = 1: argmax j everywhere
+    expected = [(ids == j).double().mean().item() for ids in student_ids]
+    assert expected[0] != expected[1]  # so views swapped, or one view's share printed twice, show
     checkpoint = {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
                   "centers": {"center_query": model.center_query}, "config": dataclasses.asdict(model.cfg), "step": 7}
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    image = torch.randint(0, 256, (20, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    Image.fromarray(image.numpy()).save(tmp_path / "source.png")
     with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
         status = visualize.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
                                  str(tmp_path / "source.png"), "--out", str(tmp_path / "pictures")])
     assert status == 0
-    marked = visualize.marked_patches(QUERY // PATCH)
+    marked = visualize.marked_patches(3)
     layout = visualize.Layout(IMG, len(marked))
-    assert len(marked) == 4 and layout.columns == 8 and layout.rows == 2
+    assert layout.columns == 4 + len(marked) and layout.rows == 2
     with Image.open(tmp_path / "pictures" / "source.png") as picture:
         assert picture.size == (layout.width, layout.height)
-    assert re.search(r"agreement view A \d+%, view B \d+%, mean \d+%", capsys.readouterr().out)
+    a, b = expected
+    assert f"agreement view A {a:.0%}, view B {b:.0%}, mean {(a + b) / 2:.0%}" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------
@@ -1077,16 +1201,78 @@ def test_bench_naive_path_computes_the_fast_loss():
     torch.testing.assert_close(naive_center, fast_center)
 
 
-def test_bench_quick_run_writes_finite_positive_figures(tmp_path):
+def math_attention(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v with plain matmuls, which torch's FLOP counter sees (it does
+    not count the CPU's fused scaled_dot_product_attention)."""
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+def counted_forward_flops(model, batch):
+    """Matmul FLOPs of one forward, counted by torch.utils.flop_counter and split by branch:
+    the patch embedding, each block and each head of the teacher and of the student (the
+    losses' einsum lies outside them, as bench.step_flops leaves losses out)."""
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", math_attention):
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            model(batch)
+    counts = {}
+    for name, per_op in counter.get_flop_counts().items():
+        match = re.fullmatch(r"\w+\.(teacher|student)\.(backbone\.patch_embed|backbone\.blocks\.\d+|heads\.\w+)", name)
+        if match:
+            counts[match[1]] = counts.get(match[1], 0) + sum(per_op.values())
+    return counts
+
+
+@pytest.mark.parametrize("naive", [False, True])
+@pytest.mark.parametrize("framework,num_queries,query_weight", [("ibot", 2, 1.0), ("dino", 1, 1.0), ("ibot", 1, 0.0)])
+def test_bench_flop_formula_counts_the_matmuls(naive, framework, num_queries, query_weight):
+    """bench.step_flops (the module docstring's formulas) gives exactly the matmul FLOPs torch's
+    counter sees in the teacher's and the student's forward, fast and naive path, iBOT (masked
+    patches through the student head) and DINO, with and without query crops."""
+    cfg = tiny_config(framework=framework, num_queries=num_queries, query_weight=query_weight)
+    with mock.patch.dict(pqcl.ARCHS, TINY_ARCH):
+        model = bench.build_model(cfg, naive=naive)
+        batch = bench.synthetic_batch(cfg, BATCH, seed=1)
+        expected = bench.step_flops(cfg, BATCH, bench.masked_tokens(cfg, batch), naive)
+        counted = counted_forward_flops(model, batch)
+    assert counted == {"teacher": expected["teacher"], "student": expected["student_forward"]}
+    assert expected["total"] == expected["teacher"] + 3 * expected["student_forward"]
+
+
+def test_bench_quick_run_figures_agree_with_each_other(tmp_path):
+    """The quick run's figures hold together exactly: s/step is the median of the step times,
+    img/s and TFLOP/s follow from it; variants that differ only in precision count the same
+    FLOPs; PQCL-iBOT's extra FLOPs over iBOT (same batches, so the same masked tokens) are the
+    query branch by formula; the fast-vs-naive ratio is made of the two variants' step times."""
     assert bench.main(["--quick", "--threads", "1", "--json", str(tmp_path / "bench.json")]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert len(results["figures"]) >= 4
-    for figure in results["figures"].values():
-        for key in ("s_per_step", "images_per_s", "gflop_per_step", "tflops", "resting_mb"):
-            assert math.isfinite(figure[key]) and figure[key] > 0, key
-        assert figure["step_mb"] is None or figure["step_mb"] > 0
-    measured = [r for r in results["ratios"].values() if "median" in r]
-    assert len(measured) >= 4 and all(math.isfinite(r["median"]) and r["median"] > 0 for r in measured)
+    figures = {(f["naive"], f["precision"], f["query_weight"]): f for f in results["figures"].values()}
+    assert set(figures) == {(False, "fp32", 1.0), (True, "fp32", 1.0), (False, "fp32", 0.0), (False, "bf16", 1.0)}
+    for f in figures.values():
+        assert f["steps"] == len(f["step_times_s"]) >= 2
+        assert f["s_per_step"] == statistics.median(f["step_times_s"])
+        assert f["images_per_s"] == pytest.approx(f["batch_size"] / f["s_per_step"], rel=1e-12)
+        assert f["tflops"] == pytest.approx(f["gflop_per_step"] / 1e3 / f["s_per_step"], rel=1e-12)
+        assert f["peak_mb"] is None or f["peak_mb"] == pytest.approx(f["resting_mb"] + f["step_mb"], rel=1e-12)
+    pqcl_fast, ibot = figures[False, "fp32", 1.0], figures[False, "fp32", 0.0]
+    assert figures[False, "bf16", 1.0]["gflop_per_step"] == pqcl_fast["gflop_per_step"]
+    # the query branch by hand (ViT-T, D 192): the teacher on each crop with its own [CLS], the
+    # L query tokens in every student block (keys: the R raw tokens and the crop's own) and heads
+    cfg = bench.plan(torch.device("cpu"), quick=True)["figures"][0]
+    D, depth, P, B, V = 192, cfg.depth, cfg.patch_size, pqcl_fast["batch_size"], 2
+    N, L, K = (cfg.img_size // P) ** 2, (cfg.query_size // P) ** 2, cfg.out_dim
+    R, head = 1 + N, 2 * (D * cfg.hidden_dim + cfg.hidden_dim ** 2 + cfg.hidden_dim * cfg.bottleneck_dim
+                          + cfg.bottleneck_dim * K)
+    crop_teacher = B * (2 * L * 3 * P * P * D + depth * (24 * D * D * (1 + L) + 4 * D * (1 + L) ** 2)) + head * B * L
+    query_student = V * B * depth * (24 * D * D * L + 4 * D * L * (R + L)) + head * V * B * L
+    assert (pqcl_fast["gflop_per_step"] - ibot["gflop_per_step"]) * 1e9 == \
+           pytest.approx(crop_teacher + 3 * query_student, rel=1e-9)
+    speed_up = results["ratios"]["fast vs naive (ViT-T): speed-up"]
+    naive = figures[True, "fp32", 1.0]
+    assert speed_up["variants"] == [naive["label"], pqcl_fast["label"]]
+    assert speed_up["per_pair"] == [a / b for a, b in zip(naive["step_times_s"], pqcl_fast["step_times_s"])]
+    for ratio in (r for r in results["ratios"].values() if "per_pair" in r):
+        assert ratio["median"] == statistics.median(ratio["per_pair"])
+        assert (ratio["min"], ratio["max"]) == (min(ratio["per_pair"]), max(ratio["per_pair"]))
     assert results["data"]["images_per_s_per_worker"] > 0 and results["data"]["device_worker_samples_per_s"] > 0
     assert results["data"]["photometric"]["samples_per_s"] > 0
 
