@@ -331,34 +331,32 @@ class PQCLAugmentation:
         flip = bool(torch.rand(()) < 0.5)
         return self.crop(image, box, size, flip), box, flip
 
+    def _random_views(self, image, size, scale, pipelines):
+        """One random view per pixel pipeline, in turn -> (views, boxes, flips), lists."""
+        views, boxes, flips = [], [], []
+        for pixels in pipelines:
+            view, box, flip = self._random_view(image, size, scale)
+            views.append(pixels(view))
+            boxes.append(box)
+            flips.append(flip)
+        return views, boxes, flips
+
     def __call__(self, image):
         # Random draws: globals, one seed for the masks, queries, locals. So every method (iBOT
         # or DINO, Q = 0 or not, N = 0 or not) sees the same global views and query crops for
         # the same seed.
-        globals_, global_boxes, global_flips = [], [], []
-        for pixels in self.global_pixels:
-            view, box, flip = self._random_view(image, self.global_size, self.global_scale)
-            globals_.append(pixels(view))
-            global_boxes.append(box)
-            global_flips.append(flip)
+        globals_, global_boxes, global_flips = self._random_views(image, self.global_size, self.global_scale,
+                                                                  self.global_pixels)
         grid = self.global_size // self.patch_size
         mask_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         masks = torch.stack([
             block_mask(grid, grid, sample_mask_ratio(self.mask_ratios, self.mask_ratio_vars, mask_rng), mask_rng,
                        self.mask_aspect)
             for _ in global_boxes])  # (V, G, G)
-        queries, query_boxes, query_flips = [], [], []
-        for _ in range(self.num_queries):
-            view, box, flip = self._random_view(image, self.query_size, self.query_scale)
-            queries.append(self.query_pixels(view))
-            query_boxes.append(box)
-            query_flips.append(flip)
-        locals_, local_boxes, local_flips = [], [], []
-        for _ in range(self.num_locals):
-            view, box, flip = self._random_view(image, self.local_size, self.local_scale)
-            locals_.append(self.local_pixels(view))
-            local_boxes.append(box)
-            local_flips.append(flip)
+        queries, query_boxes, query_flips = self._random_views(image, self.query_size, self.query_scale,
+                                                               [self.query_pixels] * self.num_queries)
+        locals_, local_boxes, local_flips = self._random_views(image, self.local_size, self.local_scale,
+                                                               [self.local_pixels] * self.num_locals)
         q_grid = self.query_size // self.patch_size
         query_pos = torch.zeros(len(global_boxes), self.num_queries, q_grid * q_grid, 2)  # (V, Q, L, 2)
         for v, (g_box, g_flip) in enumerate(zip(global_boxes, global_flips)):
