@@ -91,8 +91,8 @@ class Config:
     # temperatures and centering
     student_temp: float = knob(0.1, "student softmax temperature, every term")
     teacher_temp: float = knob(0.07, "final teacher temperature; above 0.07 small ViTs can collapse")
-    warmup_teacher_temp: float = knob(0.04, "start of the linear teacher-temperature warm-up; "
-                                            "lower it (0.04) if the loss does not fall at the start")
+    warmup_teacher_temp: float = knob(0.04, "start of the linear teacher-temperature warm-up (DINO's 0.04: "
+                                            "sharp targets while the teacher is still random)")
     warmup_teacher_temp_epochs: int = knob(30, "length of the teacher-temperature warm-up")
     center_momentum: float = knob(0.9, "EMA of the teacher output means (one center per term)")
     # optimisation (AdamW with cosine schedules, as DINO/iBOT)
@@ -707,7 +707,7 @@ def effective_rank(embeddings):
 class PQCL(nn.Module):
     """forward(batch) -> dict(loss, cls, patch, query). batch, as collated from
     PQCLAugmentation: globals (B, V, 3, S, S), queries (B, Q, 3, s, s),
-    query_pos (B, V, Q, L, 2), masks (B, V, G, G)."""
+    query_pos (B, V, Q, L, 2), masks (B, V, G, G), and with local crops locals (B, N, 3, s', s')."""
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -291,6 +291,10 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+LOSS_TERMS = ("loss", "cls", "patch", "query")
+MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (PQCL.collapse_monitors)
+
+
 class Progress:
     """Rank 0's log: one JSON object per interval in log.jsonl and a live line on stdout."""
 
@@ -331,10 +335,6 @@ class Progress:
         print(("\n" if self.interactive else "")
               + f"trained {step - self.start_step} steps in {format_duration(time.perf_counter() - self.run_start)}"
               + (f"; skipped {self.skipped} unreadable images" if self.skipped else ""), flush=True)
-
-
-LOSS_TERMS = ("loss", "cls", "patch", "query")
-MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (PQCL.collapse_monitors)
 
 
 def train(args, stop_requested):
