@@ -806,9 +806,6 @@ def worker_pids(agent_pid):
         return [int(pid) for pid in f.read().split()]
 
 
-@pytest.mark.xfail(strict=False, reason="known defect (issue 13): after torchrun restarts the workers, gloo's "
-                   "connectFullMesh is refused in about half the runs (rank 1 dials a peer address that does not "
-                   "answer), so the restarted attempt fails; when it forms, the assertions below hold")
 def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tiny_images, tmp_path):
     """2 gloo processes under torchrun --max-restarts=1, one worker SIGKILLed after the first
     checkpoint: torchrun restarts both with the same command line, they resume at the last

@@ -241,7 +241,19 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1":
+            # torchrun's agent keeps one store for every attempt and does not scope it per restart
+            # (pytorch/pytorch#135712): a restarted worker can read the address a dead worker of the
+            # last attempt published and fail to connect. Under one agent every worker has the same
+            # restart count, so it names the attempt; several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                        is_master=False)
+            attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+            dist.init_process_group(backend, store=dist.PrefixStore(f"pqcl/attempt{attempt}/", agent_store),
+                                    rank=int(os.environ["RANK"]), world_size=world_size)
+        else:
+            dist.init_process_group(backend)
     return dist.get_rank() if world_size > 1 else 0, world_size, device
 
 
