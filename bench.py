@@ -108,6 +108,24 @@ figures are medians of interleaved pairs of complete steps, batch 8):
     gathering each position's views would need their count on the host; merging the three
     blends of a position into one, or compiling the stage, would cut that work; not done (no
     GPU to measure it on).
+  * PQCL-iBOT against iBOT (issue 12, item 3), 2026-12-01, one thread, the other core busy with
+    a training run (scripts kept out of the project; figures are medians of interleaved pairs):
+      - the matmul FLOPs the profiler counts in one ViT-S/16 step at batch 8: 722.7 against
+        606.1 GFLOP, 1.19x, as step_flops says; the whole step on ViT-T/16 1.18-1.33x (4 pairs,
+        median 1.26); on ViT-S `python bench.py` gave 1.28-1.32x in earlier runs: ~6-10% of the
+        method's cost is not in its FLOPs;
+      - where: one ViT-S block forward + backward on 16 views of 197 raw tokens with and without
+        one 36-token query crop costs 1.24x for 1.18x the tokens; its attention alone 1.39x for
+        ~1.2x the FLOPs. The crop's own SDPA call (36 queries over 233 keys) runs ~1.4x slower
+        per FLOP than the 197 x 197 one; k and v feed two SDPA calls, so autograd adds their two
+        gradients into the qkv gradient (copy_ + fill_ 14 against 6 ms); the cat of the two
+        outputs adds 12 against 3 ms. The rest of the extra time is the FLOPs: the query
+        tokens through every block and the shared head (ViT-T's head costs more per token than
+        its backbone), the teacher on the 96-px crop (296 tokens, small GEMMs), the query
+        term's log-softmax over K = 8192 per query token;
+      - tried: both attention outputs written once into the (B, T, H, hd) layout (one cat of
+        the transposed outputs instead of a cat and a transposed copy): 1.01-1.03x on the
+        attention, not kept. The 1.2x target is not reached.
 """
 import argparse
 import json
