@@ -814,20 +814,15 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tiny_images,
     common = [*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "8", "--ckpt-every", "2",
               "--drop-path-rate", "0.2", "--lr", "2e-2", "--momentum-teacher", "0.9"]
     run_torchrun([*common, "--keep-every", "1", "--output-dir", str(tmp_path / "whole")])
-
-    def killed_run(killed_dir):
-        agent = subprocess.Popen(torchrun_command([*common, "--output-dir", str(killed_dir)], max_restarts=1),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=CHILD_ENV)
-        deadline = time.time() + 120
-        while not (killed_dir / "checkpoint.pth").exists() and time.time() < deadline and agent.poll() is None:
-            time.sleep(0.02)
-        os.kill(worker_pids(agent.pid)[-1], signal.SIGKILL)
-        stdout, stderr = agent.communicate(timeout=300)
-        return agent.returncode, stdout, stderr
-
     killed_dir = tmp_path / "killed"
-    status, stdout, stderr = killed_run(killed_dir)
-    assert status == 0, stderr[-3000:]
+    agent = subprocess.Popen(torchrun_command([*common, "--output-dir", str(killed_dir)], max_restarts=1),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=CHILD_ENV)
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoint.pth").exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.02)
+    os.kill(worker_pids(agent.pid)[-1], signal.SIGKILL)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0, stderr[-3000:]
     assert "resuming at step" in stdout, "the worker was not killed before the run ended"
     assert [r["step"] for r in read_log(killed_dir)] == list(range(1, 9))
     final, reference = load(killed_dir), load(tmp_path / "whole")

@@ -72,8 +72,7 @@ def build_parser():
     run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and heads")
     run.add_argument("--workers", type=int, default=-1,
                      help="data-loading processes per GPU/process (-1: the node's cores shared among its processes, one "
-                          "left to each for training: on 2 cores one worker, which runs the default job 1.12x faster than "
-                          "none). Augmentation bounds GPU training: bench.py measures the images/s of one worker")
+                          "left to each for training). Augmentation bounds GPU training: bench.py measures the images/s of one worker")
     run.add_argument("--augment-on", choices=("cpu", "device"),
                      help="where colour jitter, grayscale, blur, solarisation and normalisation run (default: "
                           "device on a GPU, cpu otherwise). device: the workers only decode and crop, and return "
@@ -242,7 +241,8 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1":
+        shared_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        if shared_agent_store and os.environ.get("GROUP_WORLD_SIZE") == "1":
             # torchrun's agent keeps one store for every attempt and does not scope it per restart
             # (pytorch/pytorch#135712): a restarted worker can read the address a dead worker of the
             # last attempt published and fail to connect. Under one agent every worker has the same
@@ -254,8 +254,7 @@ def setup_distributed():
                                     rank=int(os.environ["RANK"]), world_size=world_size)
         else:
             dist.init_process_group(backend)
-            if (dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-                    and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
+            if dist.get_rank() == 0 and shared_agent_store and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
                 print("train_ddp.py: warning: restarts across several nodes can fail to connect with torchrun's shared "
                       "store; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (pytorch/pytorch#135712)",
                       file=sys.stderr, flush=True)
