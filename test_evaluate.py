@@ -219,6 +219,9 @@ def fashion_mnist_missing(tmp_path):
     (evaluate.main, ["knn", "pixels", "--train-images", "5"], "--train-images 5"),
     (evaluate.main, ["knn", "pixels", "--", "--depth", "1"], "unrecognized arguments"),
     (compare.main, ["--steps", "0"], "--steps 0"),
+    (compare.main, ["--steps", "embedded=-3"], "--steps embedded=-3"),
+    (compare.main, ["--steps", "mnist=10"], "no dataset 'mnist'"),
+    (compare.main, ["--steps", "embedded=10"], "no budget for fashion-mnist"),
     (compare.main, ["--seeds", "1", "1"], "repeated"),
     (compare.main, ["--", "--framework", "dino"], "--framework"),
     (compare.main, ["--", "--no-such-flag"], "unrecognized arguments"),
@@ -256,8 +259,9 @@ def small_embedded():
         yield
 
 
-# 2 steps of batch 16 per run (one epoch over 32 images), a one-block ViT, small heads, probes on 96 / 48 images
-TINY_BENCHMARK = ["--seeds", "0", "--steps", "2", "--train-images", "96", "--test-images", "48", "--",
+# 2 steps of batch 16 per run (one epoch over 32 images; 4 on Fashion-MNIST: each dataset its own budget),
+# a one-block ViT, small heads, probes on 96 / 48 images
+TINY_BENCHMARK = ["--seeds", "0", "--steps", "2", "fashion-mnist=4", "--train-images", "96", "--test-images", "48", "--",
                   "--epochs", "1", "--depth", "1", "--batch-size", "16", "--out-dim", "64", "--hidden-dim", "64",
                   "--bottleneck-dim", "32"]
 BENCHMARK_DATASETS = ["embedded"] + (["fashion-mnist"] if FASHION_MNIST_INSTALLED else [])
@@ -296,7 +300,7 @@ def check_benchmark_rows(out, report, dataset):
     for row in compare.METHODS:  # equal budget: the same steps and architecture, only the method differs
         checkpoint = torch.load(os.path.join(compare.run_folder(out, dataset, row, 0), "checkpoint.pth"),
                                 weights_only=True)
-        assert checkpoint["step"] == 2
+        assert checkpoint["step"] == {"embedded": 2, "fashion-mnist": 4}[dataset]
         configs.append({k: v for k, v in checkpoint["config"].items() if k not in ("framework", "query_weight", "query_as_local")})
     assert all(config == configs[0] for config in configs)
     with open(os.path.join(out, "comparison.md")) as f:
