@@ -421,6 +421,7 @@ class CPUAugmentation(pqcl.PQCLAugmentation):
 # Columns of a view's photometric parameters, as the worker draws them (PhotometricRecipe.draw)
 JITTER, FACTORS, ORDER, GRAYSCALE, BLUR, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
 PARAMETERS = 13  # FACTORS: brightness, contrast, saturation, hue; ORDER: a permutation of those four
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # the adjustments' indices in FACTORS and ORDER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,16 +547,14 @@ def blend(views, other, factors):  # TF's _blend: factor * views + (1 - factor) 
     return (per_view(factors) * views + (1 - per_view(factors)) * other).clamp(0, 1)
 
 
-def adjust_brightness(views, factors):
-    return blend(views, 0.0, factors)
-
-
-def adjust_contrast(views, factors):  # towards each view's mean grey level
-    return blend(views, grayscale(views).mean((1, 2, 3), keepdim=True), factors)  # mean (n, 1, 1, 1)
-
-
-def adjust_saturation(views, factors):  # towards each pixel's grey level
-    return blend(views, grayscale(views), factors)
+def jitter_blend(views, adjustments, factors):
+    """ColorJitter's brightness, contrast and saturation (adjustments 0, 1, 2 as in FACTORS; any
+    other index blends like brightness), each view its own, as the one blend they are: towards
+    black, towards the view's mean grey level, towards each pixel's grey level."""
+    grey = grayscale(views)  # (n, 1, H, W)
+    towards = torch.where(per_view(adjustments == SATURATION), grey,
+                          torch.where(per_view(adjustments == CONTRAST), grey.mean((1, 2, 3), keepdim=True), 0.0))
+    return blend(views, towards, factors)
 
 
 def adjust_hue(views, shifts):
@@ -592,24 +591,23 @@ def solarize(views, applied, threshold):  # invert the pixels >= threshold (in [
     return torch.where(per_view(applied) & (views >= threshold), 1 - views, views)
 
 
-JITTER_OPS = ((adjust_brightness, 1.0), (adjust_contrast, 1.0), (adjust_saturation, 1.0), (adjust_hue, 0.0))  # (op, neutral)
-
-
 def photometric(views, parameters, recipe):
     """uint8 views (n, 3, s, s) and their drawn parameters (n, PARAMETERS) -> normalised float32
     views (n, 3, s, s), in the CPU path's order: colour jitter (its four adjustments in the view's
     own order), grayscale, blur, solarisation, normalisation. Float throughout, rounded nowhere.
-    A view skips an adjustment through its neutral factor (exact for the three blends, ~1e-7 for
-    the HSV round trip of hue 0) and skips grayscale, blur, solarisation through a select."""
+    At each of the jitter's four positions every view makes one blend (its own adjustment's, or
+    one at factor 1, exact) and one hue rotation (its own, or by 0, ~1e-7 for the HSV round
+    trip), so the batch is never split; grayscale, blur, solarisation are skipped by a select."""
     if views.numel() == 0:
         return views.float()
     views = views.float() / 255
     jitter, factors = parameters[:, JITTER].bool(), parameters[:, FACTORS]  # (n,), (n, 4)
     order = parameters[:, ORDER].long()  # (n, 4): the op at each position
     for position in range(4):
-        for op_index, (adjust, neutral) in enumerate(JITTER_OPS):
-            applied = jitter & (order[:, position] == op_index)  # (n,)
-            views = adjust(views, torch.where(applied, factors[:, op_index], neutral))
+        adjustment = order[:, position]  # (n,) the adjustment each view makes at this position
+        factor = factors.gather(1, adjustment[:, None]).squeeze(1)  # (n,) its drawn factor
+        views = jitter_blend(views, adjustment, torch.where(jitter & (adjustment != HUE), factor, 1.0))
+        views = adjust_hue(views, torch.where(jitter & (adjustment == HUE), factor, 0.0))
     views = torch.where(per_view(parameters[:, GRAYSCALE].bool()), grayscale(views).expand_as(views), views)
     views = torch.where(per_view(parameters[:, BLUR].bool()),
                         gaussian_blur(views, parameters[:, SIGMA], recipe.kernel_size), views)

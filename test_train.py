@@ -5,6 +5,7 @@ SIGKILL, SIGTERM, atomic checkpoints, export, unreadable images, bad input, the 
 """
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -890,10 +891,14 @@ def factor_draws(count, low, high, seed=0):
     return torch.empty(count).uniform_(low, high, generator=torch.Generator().manual_seed(seed))  # (n,)
 
 
+def jitter_blend_as(adjustment, views, factors):  # every view makes the same blend adjustment
+    return data.jitter_blend(views, torch.full(factors.shape, adjustment), factors)
+
+
 BATCHED_OPS = [  # (name, batched op (views, per-view values), torchvision's op at one value, value range)
-    ("brightness", data.adjust_brightness, TF.adjust_brightness, (0.6, 1.4)),
-    ("contrast", data.adjust_contrast, TF.adjust_contrast, (0.6, 1.4)),
-    ("saturation", data.adjust_saturation, TF.adjust_saturation, (0.8, 1.2)),
+    ("brightness", functools.partial(jitter_blend_as, data.BRIGHTNESS), TF.adjust_brightness, (0.6, 1.4)),
+    ("contrast", functools.partial(jitter_blend_as, data.CONTRAST), TF.adjust_contrast, (0.6, 1.4)),
+    ("saturation", functools.partial(jitter_blend_as, data.SATURATION), TF.adjust_saturation, (0.8, 1.2)),
     ("hue", data.adjust_hue, TF.adjust_hue, (-0.5, 0.5)),
     ("blur", lambda views, sigmas: data.gaussian_blur(views, sigmas, 7), lambda image, sigma: TF.gaussian_blur(image, [7, 7], [sigma, sigma]), (0.1, 2.0)),
     ("solarize", lambda views, draws: data.solarize(views, draws < 0.6, 128 / 255),  # applied where the draw < 0.6
@@ -916,6 +921,20 @@ def test_batched_op_equals_torchvisions_op_per_view(name, batched, reference, va
         torch.testing.assert_close(out, reference(view.float() / 255, value), atol=1e-5, rtol=0)
         level_error = ((out * 255).round() - reference(view, value).float()).abs().max()
         assert level_error <= 1, (name, value, level_error)
+
+
+def test_jitter_blend_makes_each_views_own_adjustment():
+    """One batch, each view its own blend (brightness, contrast, saturation, or an index of none:
+    hue's, which blends like brightness) at its own factor: view i equals torchvision's op alone."""
+    views = photo_views(8).float() / 255
+    adjustments = torch.tensor([data.SATURATION, data.BRIGHTNESS, data.CONTRAST, data.CONTRAST,
+                                data.SATURATION, data.BRIGHTNESS, data.HUE, data.CONTRAST])
+    factors = factor_draws(8, 0.6, 1.4)
+    reference = {data.BRIGHTNESS: TF.adjust_brightness, data.CONTRAST: TF.adjust_contrast,
+                 data.SATURATION: TF.adjust_saturation, data.HUE: TF.adjust_brightness}
+    got = data.jitter_blend(views, adjustments, factors)
+    for view, adjustment, factor, out in zip(views, adjustments.tolist(), factors.tolist(), got):
+        torch.testing.assert_close(out, reference[adjustment](view, factor), atol=1e-5, rtol=0)
 
 
 def test_batched_grayscale_equals_torchvisions():
