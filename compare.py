@@ -1,15 +1,19 @@
 """The equal-budget comparison of PQCL against its baselines: pretrain, then probe, every row.
 
-    python compare.py --seeds 0 1 2 --out results/    # the table: ~1 h on 2 CPU cores
+    python compare.py --seeds 0 1 2 --out results/    # the table (README: its run time)
     python compare.py --seeds 0 --steps 3 --out /tmp/smoke -- --batch-size 16   # a smoke test
+
+Several invocations may share one --out, each with its own --datasets and --seeds (e.g. one
+process per core with OMP_NUM_THREADS=1, the README's way of filling both cores); a last one
+with every dataset and seed then finds every row done and writes the whole table.
 
 DINO, iBOT, iBOT + query-as-local (the paper's fair baseline, Sec. 4.4), PQCL-DINO and PQCL-iBOT
 (train_ddp.py --framework dino|ibot --query-weight 0|1 [--query-as-local])
 with the same architecture, schedules and budget (each built-in set's preset, data.PRESETS,
 read at run time), per seed the same data order and views, on the embedded dataset and
 Fashion-MNIST; then every protocol of evaluate.py on each teacher, a random init and the raw
-pixels. The budget is --steps optimizer steps per run: the preset's epochs over the first
-steps/epochs batches of the training split, so every schedule (warm-ups, cosine decays) runs
+pixels. The budget is --steps optimizer steps per run, per dataset: the preset's epochs over the
+first steps/epochs batches of the training split, so every schedule (warm-ups, cosine decays) runs
 to its end. Runs are resumable: rerun the same command and finished pretrainings and
 evaluations are skipped, an interrupted pretraining continues from its last checkpoint.
 Arguments after `--` go to every pretraining run (e.g. `-- --batch-size 16`).

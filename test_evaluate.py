@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -378,6 +379,28 @@ def test_benchmark_resumes(tiny_benchmark, capsys):
     status, err = run_main(compare.main, [*argv[:argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2:]],
                            capsys)
     assert status == 2 and "other settings (steps)" in err[0], err
+
+
+def test_benchmark_invocations_share_a_folder(tiny_benchmark, tmp_path, capsys):
+    """Two invocations with disjoint seeds in one folder (the README's one process per core), then
+    one with both seeds: it trains nothing, and its table holds both seeds' rows as they were."""
+    out, _, _ = tiny_benchmark
+    shared = str(tmp_path / "shared")
+    shutil.copytree(os.path.join(out, "embedded"), os.path.join(shared, "embedded"))  # seed 0, as if done by a first process
+    assert TINY_BENCHMARK[:2] == ["--seeds", "0"]
+    with small_embedded():
+        assert compare.main(["--out", shared, "--datasets", "embedded", "--seeds", "1", *TINY_BENCHMARK[2:]]) == 0
+        capsys.readouterr()
+        assert compare.main(["--out", shared, "--datasets", "embedded", "--seeds", "0", "1", *TINY_BENCHMARK[2:]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = len(compare.METHODS) + len(compare.BASELINES)
+    assert sum(line.endswith(": done before") for line in printed) == 2 * rows
+    report = read_json(shared, "comparison.json")
+    for row in compare.METHODS:
+        values = report["results"]["embedded"][row]["knn_top1_k20"]["values"]
+        assert values == [read_json(compare.run_folder(shared, "embedded", row, seed), "evaluation.json")["knn_top1_k20"]
+                          for seed in (0, 1)]
+        assert values[0] == read_json(compare.run_folder(out, "embedded", row, 0), "evaluation.json")["knn_top1_k20"]
 
 
 def test_cli_on_benchmark_checkpoints_matches_benchmark(tiny_benchmark, tmp_path):
