@@ -103,11 +103,14 @@ figures are medians of interleaved pairs of complete steps, batch 8):
     pairs 1.73-2.51x), so ~125 samples/s at low load and ~28 workers per GPU for 3,500
     samples/s. The batched photometric stage on this CPU: 9.9 samples/s with one thread
     (810 ms per batch of 8 x (2 x 224 px + 96 px)); with two threads on the loaded machine
-    4.8 s (OpenMP threads waiting on busy cores). It evaluates each of the four jitter
-    adjustments at each of the four positions (16 ops, a select picking the view's own), since
-    gathering each position's views would need their count on the host; merging the three
-    blends of a position into one, or compiling the stage, would cut that work; not done (no
-    GPU to measure it on).
+    4.8 s (OpenMP threads waiting on busy cores). At each of the jitter's four positions every
+    view makes one blend (brightness, contrast and saturation are one blend towards black, the
+    mean grey or the pixel's grey: data.jitter_blend) and one hue rotation; before 2026-12-01
+    it ran all three blends at each position with neutral factors. Same output bit for bit;
+    interleaved A/B of the two stages on 16 global views of 224 px (8 pairs, machine idle):
+    1.18x with one thread (344 -> 281 ms), 1.41x with two (247 -> 168 ms), pairs 0.86-1.77x.
+    Gathering each position's views to run only their own op would need their count on the
+    host (a sync); compiling the stage is not done (no GPU to measure it on).
   * PQCL-iBOT against iBOT (issue 12, item 3), 2026-12-01, one thread, the other core busy with
     a training run (scripts kept out of the project; figures are medians of interleaved pairs):
       - the matmul FLOPs the profiler counts in one ViT-S/16 step at batch 8: 722.7 against
