@@ -23,7 +23,7 @@ figures (s/step, memory) come from the steps of the first comparison it ran in.
                       the student head on every token then selection; both fp32
     PQCL vs iBOT      the cost of the method on the recipe's model: query_weight 1
                       against 0 (plain iBOT)
-    bf16 vs fp32      autocast on the step's device
+    bf16 vs fp32      autocast on the step's device (not timed where bf16 is emulated: EMULATED_BF16)
     compile vs eager  transformer blocks and heads compiled in place (train_ddp --compile);
                       the compile time is reported on its own
 

@@ -1277,6 +1277,20 @@ def test_bench_quick_run_figures_agree_with_each_other(tmp_path):
     assert results["data"]["photometric"]["samples_per_s"] > 0
 
 
+def test_bench_does_not_time_emulated_bf16(tmp_path):
+    """Where a bf16 matmul runs below EMULATED_BF16 of fp32 (no avx512_bf16 or AMX), a full run
+    reports the bf16 ratio as skipped with the measured matmul ratio and times no bf16 step."""
+    quick_plan = bench.plan
+    speeds = {torch.float32: 100.0, torch.bfloat16: 1.0}
+    with mock.patch.object(bench, "plan", lambda device, quick: quick_plan(device, True)), \
+            mock.patch.object(bench, "matmul_speed", lambda dtype, device: speeds[dtype]):
+        assert bench.main(["--threads", "1", "--pairs", "2", "--no-compile", "--json", str(tmp_path / "b.json")]) == 0
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert results["ratios"]["bf16 vs fp32: speed-up"] == {"skipped": "bf16 matmul 0.01x fp32: emulated on this CPU"}
+    assert {f["precision"] for f in results["figures"].values()} == {"fp32"}
+    assert results["matmul_gflops"] == {"float32": 100.0, "bfloat16": 1.0}
+
+
 @pytest.mark.parametrize("size", [224, 96, 32])
 def test_separable_blur_is_torchvision_blur(size):
     """data.SeparableGaussianBlur (two 1-D passes) = T.GaussianBlur with the same seed: one
