@@ -54,7 +54,7 @@ figures are medians of interleaved pairs of complete steps, batch 8):
     lost to operand repacking, to the casts autocast adds around every matmul and to the
     fp32 LayerNorm, softmax and losses; a lone matmul is ~0.6x too. So train_ddp's
     --precision auto takes fp32 there (its matmul probe; bf16 on GPUs). Where bf16 is emulated (no
-    avx512_bf16 or AMX; one matmul 0.03x fp32 on a 2-core AVX2 EPYC) the bf16 step pairs are
+    avx512_bf16 or AMX; one matmul 0.01-0.03x fp32 on a 2-core AVX2 EPYC) the bf16 step pairs are
     skipped (EMULATED_BF16) and the matmul figures stand for them.
   * torch.compile gains ~1.03x: the step is GEMM-bound and the GEMMs are the same library
     calls. Compiling ViT-T takes ~50 s with a cold inductor cache, seconds with a warm one.
@@ -166,7 +166,7 @@ import train_ddp  # noqa: E402
 
 ARCH_NAMES = {"vit_tiny": "ViT-T", "vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L"}
 STEPS_PER_EPOCH = 1000  # for the schedules only; steps start after the last-layer freeze
-# below this bf16/fp32 matmul speed bf16 is emulated (no avx512_bf16 or AMX: 0.03x on an AVX2
+# below this bf16/fp32 matmul speed bf16 is emulated (no avx512_bf16 or AMX: 0.01-0.03x on an AVX2
 # EPYC, where 9 pairs of ViT-T bf16 steps ran over 20 minutes): the step pairs are skipped
 EMULATED_BF16 = 0.25
 
