@@ -167,7 +167,7 @@ import train_ddp  # noqa: E402
 ARCH_NAMES = {"vit_tiny": "ViT-T", "vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L"}
 STEPS_PER_EPOCH = 1000  # for the schedules only; steps start after the last-layer freeze
 # below this bf16/fp32 matmul speed bf16 is emulated (no avx512_bf16 or AMX: 0.01-0.03x on an AVX2
-# EPYC, where 9 pairs of ViT-T bf16 steps ran over 20 minutes): the step pairs are skipped
+# EPYC, where 9 pairs of ViT-T bf16 steps had run over 10 minutes, unfinished): the pairs are skipped
 EMULATED_BF16 = 0.25
 
 
