@@ -471,6 +471,41 @@ def test_collapse_monitors_are_logged_at_log_steps_only(tiny_images, tmp_path):
         assert 1 <= record["effective_rank"] <= 2 * 4
 
 
+def test_data_wait_counts_the_loader_not_the_step():
+    """DataWait adds the time spent blocked on each batch (here a loader that sleeps 20 ms per
+    batch) and not the time the loop spends on it (100 ms per batch): at least the loader's
+    sleeps, well below the loop's; take() returns the sum once."""
+    def slow_loader():
+        for item in range(3):
+            time.sleep(0.02)
+            yield item
+
+    waiting = train_ddp.DataWait()
+    items = []
+    for item in waiting.batches(slow_loader()):
+        items.append(item)
+        time.sleep(0.1)
+    assert items == [0, 1, 2]
+    waited = waiting.take()
+    assert 0.06 <= waited < 0.3 and waiting.take() == 0.0
+
+
+def test_data_wait_is_logged(tiny_images, tmp_path):
+    """A loader slower than the step shows in log.jsonl: data_wait_s per step is at least the
+    dataset's sleep for a batch and at most the step time."""
+    read = data.ImageFiles.__getitem__
+
+    def slow_read(self, index):
+        time.sleep(0.05)
+        return read(self, index)
+
+    with mock.patch.object(data.ImageFiles, "__getitem__", slow_read):
+        assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "2",
+                               "--log-every", "2", "--workers", "0", "--output-dir", str(tmp_path)]) == 0
+    record, = read_log(tmp_path)
+    assert 4 * 0.05 <= record["data_wait_s"] <= record["step_time_s"]
+
+
 # --------------------------------------------------------------------------------------
 # The CPU augmentation path (data.CPUAugmentation): PIL's blur, JPEGs drafted at reduced size
 # --------------------------------------------------------------------------------------

@@ -307,6 +307,31 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+class DataWait:
+    """The seconds the loop spent blocked on the loader since the last log (the "data" time of
+    DINO's logs): near 0 the workers keep up; a large share of the step means the device waits
+    on data (more --workers, or --augment-on device)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def batches(self, loader):
+        """loader's batches, each one's wait added to self.seconds."""
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
+
+    def take(self):
+        """The seconds since the last take."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 LOSS_TERMS = ("loss", "cls", "patch", "query")
 MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (PQCL.collapse_monitors)
 
@@ -321,10 +346,11 @@ class Progress:
         self.run_start = self.interval_start = time.perf_counter()
         self.skipped = 0
 
-    def write(self, step, epoch, losses, monitors, skipped, interval_steps, schedule, student_temp, peak_memory):
+    def write(self, step, epoch, losses, monitors, skipped, interval_steps, schedule, student_temp, peak_memory,
+              data_wait):
         """`losses`: the interval's mean loss terms; `monitors`: what was measured at its last
         step (the collapse monitors entropy_T, kl_T, effective_rank; knn_top1 if it was run);
-        `schedule`: the values of its last step."""
+        `schedule`: the values of its last step; `data_wait`: its seconds blocked on the loader."""
         now = time.perf_counter()
         step_time = (now - self.interval_start) / interval_steps
         self.interval_start, self.skipped = now, self.skipped + skipped
@@ -332,7 +358,8 @@ class Progress:
                   "weight_decay": schedule["weight_decay"],
                   "momentum": schedule["momentum"], "teacher_temp": schedule["teacher_temp"],
                   "student_temp": student_temp, "images_per_s": self.global_batch / step_time,
-                  "step_time_s": step_time, "peak_memory_mb": peak_memory, "skipped_images": self.skipped}
+                  "step_time_s": step_time, "data_wait_s": data_wait / interval_steps, "peak_memory_mb": peak_memory,
+                  "skipped_images": self.skipped}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         eta = (now - self.run_start) / (step - self.start_step) * (self.total_steps - step)
@@ -342,7 +369,7 @@ class Progress:
                           for term in MONITORED if f"entropy_{term}" in monitors)
                 + (f"rank {monitors['effective_rank']:.1f} | " if "effective_rank" in monitors else "")
                 + (f"k-NN {monitors['knn_top1']:.1f} | " if "knn_top1" in monitors else "")
-                + f"{record['images_per_s']:.1f} img/s | "
+                + f"{record['images_per_s']:.1f} img/s, data wait {data_wait / (interval_steps * step_time):.0%} | "
                 f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
         print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
@@ -441,12 +468,12 @@ def train(args, stop_requested):
               f"global batch {cfg.batch_size * world_size}, {total_steps} steps, {begin}", flush=True)
     log = Progress(args.output_dir, total_steps, step, cfg.batch_size * world_size) if rank == 0 else None
     running = dict.fromkeys([*LOSS_TERMS, "skipped"], torch.zeros((), device=device))  # sums since the last sync
-    interval_steps = 0
+    interval_steps, data_wait = 0, DataWait()
 
     epoch = step // steps_per_epoch
     while step < total_steps:
         sampler.set_position(epoch, step - epoch * steps_per_epoch)
-        for batch in loader:
+        for batch in data_wait.batches(loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if augment_on == "device":
                 batch = augment.photometric(batch)  # the views' photometry, batched, with the drawn parameters
@@ -480,10 +507,11 @@ def train(args, stop_requested):
                 if args.knn_every and step % (args.knn_every * steps_per_epoch) == 0:  # all ranks extract
                     monitors["knn_top1"] = evaluate.knn_monitor(model.teacher.backbone, args.knn_data, cfg.img_size,
                                                                 cfg.seed, workers)
+                waited = data_wait.take()
                 if log is not None:
                     means = {name: totals[name] / (interval_steps * world_size) for name in LOSS_TERMS}
                     log.write(step, epoch, means, monitors, int(totals["skipped"]), interval_steps, schedule,
-                              cfg.student_temp, peak_memory_mb(device))
+                              cfg.student_temp, peak_memory_mb(device), waited)
                 running = {name: torch.zeros_like(total) for name, total in running.items()}
                 interval_steps = 0
             if (save_now or stop) and rank == 0:
