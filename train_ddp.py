@@ -369,7 +369,7 @@ class Progress:
                           for term in MONITORED if f"entropy_{term}" in monitors)
                 + (f"rank {monitors['effective_rank']:.1f} | " if "effective_rank" in monitors else "")
                 + (f"k-NN {monitors['knn_top1']:.1f} | " if "knn_top1" in monitors else "")
-                + f"{record['images_per_s']:.1f} img/s, data wait {data_wait / (interval_steps * step_time):.0%} | "
+                + f"{record['images_per_s']:.1f} img/s, data wait {record['data_wait_s'] / step_time:.0%} | "
                 f"ETA {format_duration(eta)}" + (f" | skipped {self.skipped} unreadable images" if self.skipped else ""))
         print(("\r" + line + "\033[K") if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
