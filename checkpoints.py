@@ -23,7 +23,7 @@ import pqcl
 from data import UsageError
 
 CENTERS = ("center_cls", "center_patch", "center_query")  # the PQCL buffers a checkpoint keeps
-RUN_SETTINGS = ("data", "subset", "preset")  # train_ddp.py flags outside pqcl.Config that shape a run
+RUN_SETTINGS = ("data", "subset", "preset", "augment_on")  # train_ddp.py flags outside pqcl.Config that shape a run
 RUN_FILES = ("checkpoint.pth", "log.jsonl", "backbone.pth", "eval.json")  # what one run writes in its folder
 
 

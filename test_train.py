@@ -393,12 +393,14 @@ def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
 
 def test_default_run_shortened_end_to_end(tmp_path, capsys):
     """`python train_ddp.py --max-steps 3` (the embedded set cut to 128 + 48 images, the weights
-    moved far from their start by MOVING): the embedded default runs, logs and exports, and
+    moved from their start by a large lr and a fast teacher; MOVING's lr 0.5 collapses the
+    features to cosines above 0.999, where the k-NN's ranks tie): the embedded default runs, logs and exports, and
     eval.json's two k-NN figures are the cosine k-NN (k = 20, T = 0.07) recomputed by brute
     force on the test split, from the exported backbone.pth and from the initialisation of the
     run's seed, whose predictions differ (so the two figures cannot be swapped unseen)."""
     with mock.patch.multiple(data, EMBEDDED_TRAIN=128, EMBEDDED_TEST=48):
-        assert train_ddp.main(["--max-steps", "3", *MOVING, "--output-dir", str(tmp_path)]) == 0
+        assert train_ddp.main(["--max-steps", "3", "--lr", "0.05", "--momentum-teacher", "0.5",
+                               "--output-dir", str(tmp_path)]) == 0
         (train_images, train_labels, _), (test_images, test_labels, _) = data.embedded_splits(0, 32)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert (tmp_path / "backbone.pth").exists() and read_log(tmp_path)[-1]["step"] == 3
@@ -793,6 +795,7 @@ def two_step_run(tiny_images, tmp_path_factory):
     (["--data", "embedded"], "--data embedded: the run in {run} was started with data {images}"),
     (["--subset", "16"], "started with subset 0"),
     (["--preset", "embedded"], "started with preset recipe"),
+    (["--augment-on", "device"], "started with augment_on cpu"),
     (["--epochs", "1"], "--epochs 1: the run in {run} plans 2 epochs; to stop it earlier pass --max-steps"),
     (["--batch-size", "8"], "global batch of 8, but the run in {run} trained with 4 x 1 = 4; pass --batch-size 4"),
 ])
@@ -906,6 +909,24 @@ def test_a_checkpoint_from_before_run_settings_were_recorded_still_resumes(tiny_
     assert train_ddp.main([*args, "--max-steps", "3", "--depth", "3"]) == 2  # conflicts with depth 2
     assert train_ddp.main([*args, "--max-steps", "3"]) == 0
     assert load(tmp_path)["step"] == 3 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_built_in_sets_default_to_the_batched_photometry_and_resume_keeps_the_path(tmp_path, capsys):
+    """A new run on a built-in set (tensors in memory) on a CPU augments on "device" (the
+    photometry batched in the training process) and records it; a checkpoint from before runs
+    recorded the path resumes on the CPU path, its default then; a resume refuses the other."""
+    args = [*TINY_RUN, "--output-dir", str(tmp_path)]
+    with mock.patch.multiple(data, EMBEDDED_TRAIN=128, EMBEDDED_TEST=48):
+        assert train_ddp.main([*args, "--max-steps", "1"]) == 0
+        assert "augmentation on device" in capsys.readouterr().out
+        checkpoint = load(tmp_path)
+        assert checkpoint["run"]["augment_on"] == "device"
+        del checkpoint["run"]["augment_on"]
+        checkpoints.save_atomic(checkpoint, str(tmp_path / "checkpoint.pth"))
+        assert train_ddp.main([*args, "--max-steps", "2"]) == 0
+        assert "augmentation on cpu" in capsys.readouterr().out and load(tmp_path)["run"]["augment_on"] == "cpu"
+        assert train_ddp.main([*args, "--max-steps", "3", "--augment-on", "device"]) == 2
+        assert "started with augment_on cpu" in capsys.readouterr().err and load(tmp_path)["step"] == 2
 
 
 # --------------------------------------------------------------------------------------
@@ -1126,7 +1147,7 @@ def test_device_stage_pairs_each_view_with_its_own_parameters(tmp_path):
 
 def test_training_on_the_device_path_runs_and_differs_from_the_cpu_path(tiny_images, tmp_path, capsys):
     """train_ddp --augment-on device (here on the CPU): trains with finite losses and says so
-    in its start line; its pixels differ from --augment-on cpu's (the default on a CPU), so
+    in its start line; its pixels differ from --augment-on cpu's (the default for a folder on a CPU), so
     do the losses."""
     losses = {}
     for augment_on in ("cpu", "device"):

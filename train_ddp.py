@@ -75,10 +75,12 @@ def build_parser():
                           "left to each for training). Augmentation bounds GPU training: bench.py measures the images/s of one worker")
     run.add_argument("--augment-on", choices=("cpu", "device"),
                      help="where colour jitter, grayscale, blur, solarisation and normalisation run (default: "
-                          "device on a GPU, cpu otherwise). device: the workers only decode and crop, and return "
-                          "uint8 views with every random parameter drawn for them (the same draws on any device); "
-                          "the photometric ops then run batched on the GPU, so far fewer workers keep it fed. The two paths "
-                          "draw the same distributions but not the same pixels: resume with the flag you started with")
+                          "device on a GPU and for the built-in sets, cpu for a folder on a CPU). device: the workers "
+                          "only decode and crop, and return uint8 views with every random parameter drawn for them "
+                          "(the same draws on any device); the photometric ops then run batched on the training "
+                          "device, so far fewer workers keep a GPU fed, and small in-memory images are not augmented "
+                          "op by op. The two paths draw the same distributions but not the same pixels: a run keeps "
+                          "the path it started with")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                      help="after training on a built-in set, k-NN of the teacher vs a random init on its test split")
     run.add_argument("--knn-data",
@@ -105,7 +107,7 @@ def build_parser():
     return parser
 
 
-DEFAULT_RUN = {"data": "embedded", "subset": 0, "preset": None}  # the RUN_SETTINGS' defaults
+DEFAULT_RUN = {"data": "embedded", "subset": 0, "preset": None, "augment_on": None}  # the RUN_SETTINGS' defaults
 
 
 def preset_of(args):
@@ -400,7 +402,10 @@ def train(args, stop_requested):
     else:
         cfg = config_from_args(args)
     # what the run trains on: as recorded, or, for a new run (or one recorded before runs kept it), as given
-    run = (checkpoint or {}).get("run") or {**DEFAULT_RUN, **run_settings_given(args), "preset": preset_of(args)}
+    run = dict((checkpoint or {}).get("run") or {**DEFAULT_RUN, **run_settings_given(args), "preset": preset_of(args)})
+    if not run.get("augment_on"):  # a new run, or one recorded before runs kept it (its default was cpu on a CPU)
+        batched = device.type == "cuda" or (run["data"] in data.BUILTIN_DATASETS and not checkpoint)
+        run["augment_on"] = args.augment_on or ("device" if batched else "cpu")
     precision, precision_why = args.precision, "--precision"
     if precision == "auto":
         precision, precision_why = auto_precision(device, pqcl.ARCHS[cfg.arch][0])
@@ -409,7 +414,7 @@ def train(args, stop_requested):
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
     if args.keep_every < 0:
         raise UsageError(f"--keep-every {args.keep_every}: pass a number of epochs, or 0 to keep the latest only")
-    augment_on = args.augment_on or ("device" if device.type == "cuda" else "cpu")
+    augment_on = run["augment_on"]
     augment = data.augmentation(cfg, on=augment_on)
     if run["data"] in data.BUILTIN_DATASETS:
         splits = data.BUILTIN_DATASETS[run["data"]](cfg.seed, cfg.img_size)
