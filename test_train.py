@@ -268,21 +268,38 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_images, tm
         assert_states_close(final[part], reference[part], atol=1e-6)
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_images, tmp_path):
-    """SIGTERM (preemption): the run writes a checkpoint at a completed step and exits 0."""
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group-with-a-worker"])
+def test_sigterm_saves_and_exits_cleanly(tiny_images, tmp_path, whole_group):
+    """SIGTERM (preemption): the run writes a checkpoint at a completed step and exits 0, also when
+    the signal reaches its data workers too (a scheduler signalling the process group, as SLURM does)."""
     args = [*TINY_RUN, "--data", tiny_images, "--epochs", "50", "--batch-size", "4", "--ckpt-every", "1000",
-            "--output-dir", str(tmp_path)]
-    process = start_cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--output-dir", str(tmp_path), *(["--workers", "1"] if whole_group else [])]
+    process = start_cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)  # the new session's group: the run and its worker
+    else:
+        process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by SIGTERM" in stdout
     checkpoint = load(tmp_path)
     assert 1 <= checkpoint["step"] < 50 * 8 and checkpoint["step"] == read_log(tmp_path)[-1]["step"]
+    deadline = time.time() + 30
+    while group_alive(process.pid) and time.time() < deadline:  # the worker that ignored SIGTERM ended too
+        time.sleep(0.1)
+    assert not group_alive(process.pid)
+
+
+def group_alive(group_id):
+    try:
+        os.killpg(group_id, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_atomic_save_never_leaves_a_half_written_checkpoint(tmp_path, monkeypatch):
