@@ -96,6 +96,10 @@ def assert_states_close(a, b, atol, rtol=0.0):
 # and a teacher that goes half-way to the student every step move every tensor by 1e-3 to
 # 1e-2 in a few steps, where the recipe's lr and momentum 0.996 moved the teacher by 1e-7.
 MOVING = ["--lr", "0.5", "--momentum-teacher", "0.5"]
+# For runs on different process counts compared to fp32 tolerances: on a CPU with fast bf16
+# `--precision auto` takes bf16, whose rounding turns the other order of the gradient sums into
+# differences of 1e-3 (seen on a Zen 5 EPYC), not 1e-6.
+FP32 = ["--precision", "fp32"]
 
 
 def initial_state(checkpoint):
@@ -220,7 +224,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_image
     step and the same student, teacher and centers (no drop path, so no per-rank randomness):
     within 2e-6, where the 3 steps moved every tensor by more than 1000 times that (MOVING).
     Only the key bias, whose gradient is noise (without_key_bias), is left out."""
-    common = [*TINY_RUN, *MOVING, "--data", tiny_images, "--max-steps", "3", "--drop-path-rate", "0"]
+    common = [*TINY_RUN, *MOVING, "--data", tiny_images, "--max-steps", "3", "--drop-path-rate", "0", *FP32]
     single = run_cli([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     run_torchrun([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")])
@@ -894,7 +898,8 @@ def test_two_processes_by_8_resumed_as_one_by_16_match_the_uninterrupted_run(tin
     (global batch 8) is refused with the numbers and the fix. No drop path: its masks are drawn
     per rank (seeded by seed, rank, step), so a different process count draws others, which are
     equally valid but not equal."""
-    common = [*TINY_RUN, "--data", tiny_images, "--drop-path-rate", "0", "--lr", "0.3", "--momentum-teacher", "0.5"]
+    common = [*TINY_RUN, "--data", tiny_images, "--drop-path-rate", "0", "--lr", "0.3", "--momentum-teacher", "0.5",
+              *FP32]
     run_torchrun([*common, "--batch-size", "8", "--max-steps", "4", "--output-dir", str(tmp_path / "whole")])
     run_torchrun([*common, "--batch-size", "8", "--max-steps", "1", "--output-dir", str(tmp_path / "moved")])
     halfway = load(tmp_path / "moved")  # mid-epoch: 32 images / 16 = 2 steps per epoch
