@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import math
 import os
+import signal
 import sys
 from typing import NamedTuple
 
@@ -627,6 +628,14 @@ def augmentation(cfg, blur="pil", on="cpu"):
     the Gaussian blur of PIL images (BLURS); tensors always get the exact separable one. With
     on="device", the device path's worker half (DeviceAugmentation; blur does not apply)."""
     return DeviceAugmentation.from_config(cfg) if on == "device" else CPUAugmentation.from_config(cfg, blur=BLURS[blur])
+
+
+def leave_sigterm_to_the_main_process(worker_id):
+    """worker_init_fn of the loaders that run inside training: a data worker ignores SIGTERM.
+    A scheduler that signals the whole process group (SLURM on preemption) would otherwise kill
+    the worker mid-batch and crash the run before the main process saves its checkpoint at the
+    next step; the loader ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Augmented(Dataset):

@@ -411,7 +411,8 @@ def extract_shard(dataset, batch_size, workers, features_of, what):
     (n_r,)) on the features' device, with a progress line."""
     rank, world_size = rank_and_world()
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=torch.cuda.is_available())
+                        num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=data.leave_sigterm_to_the_main_process)  # also the k-NN monitor inside training
     progress, done, features, labels = Throughput(what, len(dataset)), 0, [], []
     for images, targets in loader:
         features.append(features_of(images))

@@ -294,13 +294,6 @@ def default_workers():
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
-def leave_sigterm_to_the_main_process(worker_id):
-    """A data worker ignores SIGTERM: a scheduler that signals the whole process group (SLURM on
-    preemption) would otherwise kill the worker mid-batch and crash the run before the main process
-    saves its checkpoint at the next step; the loader ends its workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def release_freed_memory():
     """glibc keeps the holes that CPU tensors of varying size (masked-token counts change
     every step) leave in its heap: without this a CPU run grows by ~30 MB a step."""
@@ -460,7 +453,7 @@ def train(args, stop_requested):
     dataset = data.Augmented(source, augment, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, worker_init_fn=leave_sigterm_to_the_main_process)
+                        prefetch_factor=4 if workers else None, worker_init_fn=data.leave_sigterm_to_the_main_process)
 
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
