@@ -48,10 +48,10 @@ BASELINES = ("random init", "raw pixels")
 PAIRED = {"PQCL-DINO": ("DINO",), "PQCL-iBOT": ("iBOT", "iBOT + query-as-local")}  # PQCL row -> its baselines
 COLUMNS = {**evaluate.METRICS, "images_per_s": "pretrain img/s"}  # metric -> table header
 # Optimizer steps per run: the embedded set's whole preset (2 epochs over its 6000 images: the default
-# run's budget, where every method beats random init on every probe); Fashion-MNIST gets what 2.5 h
-# on 2 cores leave (its 4 x 4 grid's random init is strong: at 936 steps PQCL-iBOT's k-NN is only 3
-# points above it). The 42 rows took 2 h 3 min on 2 cores, one process each (README).
-DEFAULT_STEPS = {"embedded": 186, "fashion-mnist": 128}
+# run's budget, where every method beats random init on every probe); Fashion-MNIST gets 936 steps
+# (its preset's 2 epochs over 30000 images): its 4 x 4-patch random init is strong, and at the 128
+# steps of an earlier table every method's k-NN was below it. Timed on 2 cores in the README.
+DEFAULT_STEPS = {"embedded": 186, "fashion-mnist": 936}
 COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "query_as_local", "subset", "output_dir", "resume",
                  "fresh", "max_steps", "eval", "export")  # train_ddp.py settings the comparison sets itself
 
