@@ -210,18 +210,26 @@ def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None, m
 # --------------------------------------------------------------------------------------
 
 
-def matmul_seconds(width, dtype, repeats=3):
-    """Seconds of one (tokens, width) @ (width, 4 width) matmul on the CPU in `dtype`, the
-    median of `repeats` after a warm-up: the MLP's shape, the bulk of a ViT's FLOPs; 2^25
-    multiply-adds, so that even emulated bf16 answers in a fraction of a second."""
+def matmul_seconds(width, dtypes, min_seconds=0.05, min_repeats=5):
+    """{dtype: fastest seconds of one (tokens, width) @ (width, 4 width) matmul on the CPU}: the
+    MLP's shape, the bulk of a ViT's FLOPs; 2^25 multiply-adds, so that even emulated bf16
+    answers in milliseconds. The dtypes take turns until each has `min_repeats` timings and the
+    probe has run `min_seconds`; the minimum is kept, since another process on the core only ever
+    adds time, and the turns keep a busy spell from falling on one dtype only (a median of three
+    in a row picked fp32 at 0.08x beside a git commit on a CPU where bf16 makes the step 1.67x)."""
     tokens = max(16, 2**25 // (4 * width * width))
-    a, b = torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+    operands = {dtype: (torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype))
+                for dtype in dtypes}
+    for a, b in operands.values():  # warm-up: the first call of a shape may build its kernel
+        torch.mm(a, b)
+    fastest, repeats, probe_start = dict.fromkeys(dtypes, math.inf), 0, time.perf_counter()
+    while repeats < min_repeats or time.perf_counter() - probe_start < min_seconds:
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            torch.mm(a, b)
+            fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
+        repeats += 1
+    return fastest
 
 
 def auto_precision(device, width):
@@ -230,7 +238,8 @@ def auto_precision(device, width):
     others emulate it and lose (1.47x and 0.63x the fp32 step measured on two machines)."""
     if device.type == "cuda":
         return "bf16", "GPU"
-    fp32, bf16 = matmul_seconds(width, torch.float32), matmul_seconds(width, torch.bfloat16)
+    seconds = matmul_seconds(width, (torch.float32, torch.bfloat16))
+    fp32, bf16 = seconds[torch.float32], seconds[torch.bfloat16]
     return ("bf16" if bf16 < fp32 else "fp32"), f"bf16 matmul {fp32 / bf16:.2f}x fp32"
 
 
