@@ -474,10 +474,12 @@ def test_auto_precision_follows_the_matmul_probe(tiny_images, tmp_path, capsys, 
 def test_matmul_probe_keeps_its_answer_when_another_process_takes_the_core():
     """A busy core only adds time: stalls of 0.2 s on most of one dtype's matmuls (another
     process taking the core, here on bf16 as in the start-up beside a git commit) leave that
-    dtype's figure at a stall-free timing, below the stall."""
-    mm, calls = torch.mm, collections.Counter()
+    dtype's figure at a stall-free timing, below the stall. It times on one thread (a busy core
+    stalls every multi-threaded matmul at its barrier) and gives the run its threads back."""
+    mm, calls, threads = torch.mm, collections.Counter(), torch.get_num_threads()
 
     def stalled_on_bf16(a, b):
+        assert torch.get_num_threads() == 1
         calls[a.dtype] += 1
         if a.dtype == torch.bfloat16 and calls[a.dtype] % 4 != 0:
             time.sleep(0.2)
@@ -487,6 +489,7 @@ def test_matmul_probe_keeps_its_answer_when_another_process_takes_the_core():
         seconds = train_ddp.matmul_seconds(384, (torch.float32, torch.bfloat16))
     assert calls[torch.bfloat16] == calls[torch.float32] >= 6  # warm-up and 5 turns each, alternated
     assert seconds[torch.bfloat16] < 0.2 and seconds[torch.float32] < 0.2
+    assert torch.get_num_threads() == threads
 
 
 def test_auto_precision_probe_is_quick_and_valid():

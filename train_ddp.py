@@ -211,24 +211,33 @@ def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None, m
 
 
 def matmul_seconds(width, dtypes, min_seconds=0.05, min_repeats=5):
-    """{dtype: fastest seconds of one (tokens, width) @ (width, 4 width) matmul on the CPU}: the
-    MLP's shape, the bulk of a ViT's FLOPs; 2^25 multiply-adds, so that even emulated bf16
+    """{dtype: fastest seconds of one (tokens, width) @ (width, 4 width) matmul on one CPU thread}:
+    the MLP's shape, the bulk of a ViT's FLOPs; 2^25 multiply-adds, so that even emulated bf16
     answers in milliseconds. The dtypes take turns until each has `min_repeats` timings and the
     probe has run `min_seconds`; the minimum is kept, since another process on the core only ever
     adds time, and the turns keep a busy spell from falling on one dtype only (a median of three
-    in a row picked fp32 at 0.08x beside a git commit on a CPU where bf16 makes the step 1.67x)."""
+    in a row picked fp32 at 0.08x beside a git commit on a CPU where bf16 makes the step 1.67x).
+    One thread, because a multi-threaded matmul waits at its barrier for whichever thread a busy
+    core has descheduled, so that no timing is clean (beside a 2-thread matmul loop on 2 cores
+    both dtypes took 6 to 8 ms on 2 threads, against 0.18 and 0.05 ms idle; on one thread 0.34
+    and 0.09 ms, as idle); a core's bf16 / fp32 ratio is the step's on any number of them."""
     tokens = max(16, 2**25 // (4 * width * width))
     operands = {dtype: (torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype))
                 for dtype in dtypes}
-    for a, b in operands.values():  # warm-up: the first call of a shape may build its kernel
-        torch.mm(a, b)
-    fastest, repeats, probe_start = dict.fromkeys(dtypes, math.inf), 0, time.perf_counter()
-    while repeats < min_repeats or time.perf_counter() - probe_start < min_seconds:
-        for dtype, (a, b) in operands.items():
-            start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in operands.values():  # warm-up: the first call of a shape may build its kernel
             torch.mm(a, b)
-            fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
-        repeats += 1
+        fastest, repeats, probe_start = dict.fromkeys(dtypes, math.inf), 0, time.perf_counter()
+        while repeats < min_repeats or time.perf_counter() - probe_start < min_seconds:
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
+            repeats += 1
+    finally:
+        torch.set_num_threads(threads)
     return fastest
 
 
