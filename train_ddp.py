@@ -219,8 +219,8 @@ def matmul_seconds(width, dtypes, min_seconds=0.05, min_repeats=5):
     in a row picked fp32 at 0.08x beside a git commit on a CPU where bf16 makes the step 1.67x).
     One thread, because a multi-threaded matmul waits at its barrier for whichever thread a busy
     core has descheduled, so that no timing is clean (beside a 2-thread matmul loop on 2 cores
-    both dtypes took 6 to 8 ms on 2 threads, against 0.18 and 0.05 ms idle; on one thread 0.34
-    and 0.09 ms, as idle); a core's bf16 / fp32 ratio is the step's on any number of them."""
+    both dtypes took 4 to 8 ms on 2 threads, against 0.21 and 0.06 ms idle; on one thread 0.39
+    and 0.10 ms, as idle); a core's bf16 / fp32 ratio is the step's on any number of them."""
     tokens = max(16, 2**25 // (4 * width * width))
     operands = {dtype: (torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype))
                 for dtype in dtypes}
