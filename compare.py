@@ -49,9 +49,9 @@ PAIRED = {"PQCL-DINO": ("DINO",), "PQCL-iBOT": ("iBOT", "iBOT + query-as-local")
 COLUMNS = {**evaluate.METRICS, "images_per_s": "pretrain img/s"}  # metric -> table header
 # Optimizer steps per run: the embedded set's whole preset (2 epochs over its 6000 images: the default
 # run's budget, where every method beats random init on every probe); Fashion-MNIST gets 936 steps
-# (its preset's 2 epochs over 30000 images): its 4 x 4-patch random init is strong, and at the 128
-# steps of an earlier table every method's k-NN was below it. The 42 rows took 1 h 50 min on 2 cores
-# (Zen 5, bf16; README).
+# (its preset's 3 epochs over 19968 images, a third of its whole run): its 4 x 4-patch random init is
+# strong, and at the 128 steps of an earlier table every method's k-NN was below it. README: the
+# table, its run time and how both cores were filled.
 DEFAULT_STEPS = {"embedded": 186, "fashion-mnist": 936}
 COMPARE_FLAGS = ("data", "seed", "framework", "query_weight", "query_as_local", "subset", "output_dir", "resume",
                  "fresh", "max_steps", "eval", "export")  # train_ddp.py settings the comparison sets itself
