@@ -24,6 +24,8 @@ figures (s/step, memory) come from the steps of the first comparison it ran in.
     PQCL vs iBOT      the cost of the method on the recipe's model: query_weight 1
                       against 0 (plain iBOT)
     bf16 vs fp32      autocast on the step's device (not timed where bf16 is emulated: EMULATED_BF16)
+    attention fp32    on a CPU, a bf16 step with its attention in fp32 against all-bf16
+                      (train_ddp takes fp32 attention where its probe finds bf16's slower)
     compile vs eager  transformer blocks and heads compiled in place (train_ddp --compile);
                       the compile time is reported on its own
 
@@ -367,6 +369,7 @@ class Variant:
     precision: str = "fp32"  # autocast dtype of the step: fp32 (none) or bf16
     compiled: bool = False
     naive: bool = False
+    attention_fp32: bool = False  # a bf16 step's attention in fp32 (pqcl.Attention.sdpa_dtype), as train_ddp may pick
 
     @property
     def label(self):
@@ -374,7 +377,8 @@ class Variant:
         name = f"{ARCH_NAMES[cfg.arch]}/{cfg.patch_size}" + (f" depth {cfg.depth}" if cfg.depth else "")
         method = "PQCL-iBOT" if cfg.use_queries else "iBOT"
         return " ".join([name, f"{cfg.img_size}px", f"b{self.batch_size}", method, "naive" if self.naive else "fast",
-                         self.precision] + (["compiled"] if self.compiled else []))
+                         self.precision] + (["attention fp32"] if self.attention_fp32 else [])
+                        + (["compiled"] if self.compiled else []))
 
 
 class Trainer:
@@ -387,6 +391,9 @@ class Trainer:
         self.model = build_model(variant.cfg, device, variant.naive)
         self.optimizer = train_ddp.make_optimizer(self.model, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[variant.precision]
+        for module in self.model.modules():
+            if isinstance(module, pqcl.Attention) and variant.attention_fp32:
+                module.sdpa_dtype = torch.float32
         if variant.compiled:
             train_ddp.compile_model(self.model)  # lazy: the first steps compile
         self.step_index = variant.cfg.freeze_last_layer_epochs * STEPS_PER_EPOCH  # the last layer trains
@@ -719,6 +726,11 @@ def run(args):
             times_fp32, times_bf16 = interleave("bf16 vs fp32", fp32, bf16)
             results["ratios"]["bf16 vs fp32: speed-up"] = {"variants": [fp32.label, bf16.label],
                                                            **ratio(times_fp32, times_bf16)}
+            if device.type == "cpu":  # train_ddp's bf16 runs take fp32 attention where its probe finds it faster
+                bf16_attention_fp32 = replace(bf16, attention_fp32=True)
+                times_bf16, times_attention_fp32 = interleave("attention fp32 vs bf16", bf16, bf16_attention_fp32)
+                results["ratios"]["bf16 step, attention fp32 vs bf16: speed-up"] = {
+                    "variants": [bf16.label, bf16_attention_fp32.label], **ratio(times_bf16, times_attention_fp32)}
         name = "compile vs eager: speed-up"
         compiled = replace(base, compiled=True)
         if args.no_compile or args.quick:
@@ -782,28 +794,28 @@ def report(results):
              f"batch {meta['batch_size']}, 2 global views + 1 query crop of 96 px, iBOT masks; "
              "median s/step after warm-up", ""]
     has_mfu = any("mfu" in f for f in results["figures"].values())
-    header = (f"{'variant':<50} {'s/step':>7} {'img/s':>7} {'GFLOP':>6} {'TFLOP/s':>7}" + ("    MFU" if has_mfu else "")
+    header = (f"{'variant':<62} {'s/step':>7} {'img/s':>7} {'GFLOP':>6} {'TFLOP/s':>7}" + ("    MFU" if has_mfu else "")
               + f" {'step MB':>8} {'peak MB':>8} {'steps':>5}")
     lines += [header, "-" * len(header)]
     for f in results["figures"].values():
-        lines.append(f"{f['label']:<50} {f['s_per_step']:7.3f} {f['images_per_s']:7.2f} {f['gflop_per_step']:6.0f} "
+        lines.append(f"{f['label']:<62} {f['s_per_step']:7.3f} {f['images_per_s']:7.2f} {f['gflop_per_step']:6.0f} "
                      f"{f['tflops']:7.3f}" + (f" {100 * f['mfu']:5.1f}%" if has_mfu else "")
                      + f" {_mb(f['step_mb'])} {_mb(f['peak_mb'])} {f['steps']:5d}"
                      + (f"  (compiling: {f['compile_s']:.0f} s)" if "compile_s" in f else ""))
     lines += ["step MB: what the step adds at its peak; peak MB: that plus weights, buffers and AdamW state", "",
-              f"{'ratio (median of per-pair ratios)':<40} {'measured':>9} {'pair range':>12} {'target':>8}  verdict",
-              "-" * 84]
+              f"{'ratio (median of per-pair ratios)':<46} {'measured':>9} {'pair range':>12} {'target':>8}  verdict",
+              "-" * 90]
     for name, r in results["ratios"].items():
         if "median" not in r:
             outcome = f"skipped ({r['skipped']})" if "skipped" in r else f"failed: {r['error']}"
-            lines.append(f"{name:<40} {'-':>9} {'':>12} {'':>8}  {outcome}")
+            lines.append(f"{name:<46} {'-':>9} {'':>12} {'':>8}  {outcome}")
             continue
         relation, target = _target(name)
         verdict = target_text = ""
         if target is not None and not meta["quick"]:  # the targets are for the default configurations
             verdict = "met" if (r["median"] >= target if relation == ">=" else r["median"] <= target) else "missed"
             target_text = f"{relation} {target}"
-        lines.append(f"{name:<40} {r['median']:8.2f}x {r['min']:5.2f}-{r['max']:<5.2f}x {target_text:>8}  {verdict}")
+        lines.append(f"{name:<46} {r['median']:8.2f}x {r['min']:5.2f}-{r['max']:<5.2f}x {target_text:>8}  {verdict}")
     if results["matmul_gflops"]:
         lines.append("one matmul (1024x384 @ 384x1536): " + ", ".join(
             f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in results["matmul_gflops"].items()))

@@ -235,6 +235,39 @@ def test_forward_student_matches_masked_attention_reference(positions, mask):
     torch.testing.assert_close(queries, ref_queries, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("num_crops", [1, 2])
+@pytest.mark.parametrize("sdpa_dtype", [None, torch.float32])
+def test_attention_runs_in_its_sdpa_dtype_under_bf16_autocast(sdpa_dtype, num_crops):
+    """Attention.sdpa_dtype (train_ddp sets float32 where a CPU's bf16 attention is the slower):
+    under bf16 autocast every attention call gets q, k, v in that dtype (autocast's bf16 when
+    None) and the block returns bf16; the result is the masked softmax attention of the bf16
+    q, k, v computed in float64 by hand, to the rounding of one bf16 step."""
+    R, L, D, H = 5, 3, 32, 2
+    torch.manual_seed(0)
+    attn = pqcl.Attention(D, H)
+    attn.sdpa_dtype = sdpa_dtype
+    x = torch.randn(2, R + num_crops * L, D)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recording):
+        out = attn(x, R, num_crops)  # (2, T, D)
+        q, k, v = attn.qkv(x).view(2, -1, 3, H, D // H).permute(2, 0, 3, 1, 4).double()  # 3 x (2, H, T, hd)
+    expected = sdpa_dtype or torch.bfloat16
+    assert seen and all(call == (expected, expected, expected, sdpa_dtype is None) for call in seen)
+    assert out.dtype == torch.bfloat16
+    scores = (q @ k.transpose(-2, -1)) * (D // H) ** -0.5
+    scores = scores.masked_fill(~allowed_attention(R, num_crops, L), float("-inf"))
+    mixed = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, -1, D)  # (2, T, D), float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = attn.proj(mixed.bfloat16())
+    torch.testing.assert_close(out.double(), reference.double(), atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_forward_student_without_queries_or_mask_is_forward(train):
     """Zero crops (None or an empty (B, 0, L, 2)) and no mask: forward_student = forward."""

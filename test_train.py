@@ -455,20 +455,50 @@ def test_resumable_sampler_deals_whole_global_batches():
     assert list(later) == full[20:] and len(later) == len(full) - 20
 
 
-@pytest.mark.parametrize("bf16_seconds,expected", [(0.5, torch.bfloat16), (2.0, None)])
-def test_auto_precision_follows_the_matmul_probe(tiny_images, tmp_path, capsys, bf16_seconds, expected):
+@pytest.mark.parametrize("bf16_seconds,attention_bf16_seconds,expected,expected_attention", [
+    (0.5, 2.0, torch.bfloat16, torch.float32), (0.5, 0.5, torch.bfloat16, None), (2.0, 2.0, None, None)])
+def test_auto_precision_follows_the_matmul_and_attention_probes(tiny_images, tmp_path, capsys, bf16_seconds,
+                                                                attention_bf16_seconds, expected, expected_attention):
     """--precision auto on a CPU: bf16 where the probe's bf16 matmul is faster than fp32, and
     the run then trains under bf16 autocast; fp32 (no autocast) where bf16 is slower, as on a
-    CPU without native bf16."""
-    used = []
+    CPU without native bf16. A bf16 run's attention (every pqcl.Attention of student and
+    teacher) is in fp32 where the attention probe finds bf16's slower; an fp32 run never probes it."""
+    used, attention_probes = [], []
     step = train_ddp.train_step
     timings = {torch.float32: 1.0, torch.bfloat16: bf16_seconds}
+    attention_timings = {torch.float32: 1.0, torch.bfloat16: attention_bf16_seconds}
+
+    def attention_seconds(heads, head_dim, tokens, dtypes):
+        attention_probes.append((heads, head_dim, tokens))
+        return {d: attention_timings[d] for d in dtypes}
+
+    def recording_step(*args, **kwargs):
+        dtypes = {m.sdpa_dtype for m in args[0].modules() if isinstance(m, pqcl.Attention)}
+        used.append((args[4], dtypes))
+        return step(*args, **kwargs)
+
     with mock.patch.object(train_ddp, "matmul_seconds", lambda width, dtypes: {d: timings[d] for d in dtypes}), \
-         mock.patch.object(train_ddp, "train_step", lambda *a, **k: used.append(a[4]) or step(*a, **k)):
+         mock.patch.object(train_ddp, "attention_seconds", attention_seconds), \
+         mock.patch.object(train_ddp, "train_step", recording_step):
         assert train_ddp.main([*TINY_RUN, "--data", tiny_images, "--batch-size", "4", "--max-steps", "2",
                                "--output-dir", str(tmp_path)]) == 0
-    assert used == [expected, expected]
-    assert f"{'bf16' if expected else 'fp32'} (bf16 matmul {1.0 / bf16_seconds:.2f}x fp32)" in capsys.readouterr().out
+    assert used == [(expected, {expected_attention})] * 2
+    out = capsys.readouterr().out
+    assert f"{'bf16' if expected else 'fp32'} (bf16 matmul {1.0 / bf16_seconds:.2f}x fp32" in out
+    if expected is None:
+        assert attention_probes == [] and "attention in" not in out
+    else:
+        width, _, heads = pqcl.ARCHS["vit_tiny"]
+        assert attention_probes == [(heads, width // heads, 1 + (32 // 8) ** 2)]  # TINY_RUN's sequence
+        assert (f"attention in fp32, its bf16 {1 / attention_bf16_seconds:.2f}x" if expected_attention else
+                f"attention in bf16, {1 / attention_bf16_seconds:.2f}x fp32") in out
+
+
+def test_attention_probe_is_quick_and_valid():
+    """The real attention probe answers at the recipe's ViT-S/16 sequence in well under a second."""
+    start = time.perf_counter()
+    dtype, why = train_ddp.cpu_attention_dtype(pqcl.Config())
+    assert dtype in (None, torch.float32) and why.startswith("attention in") and time.perf_counter() - start < 5
 
 
 def test_matmul_probe_keeps_its_answer_when_another_process_takes_the_core():

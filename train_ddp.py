@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -210,35 +211,51 @@ def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None, m
 # --------------------------------------------------------------------------------------
 
 
-def matmul_seconds(width, dtypes, min_seconds=0.05, min_repeats=5):
-    """{dtype: fastest seconds of one (tokens, width) @ (width, 4 width) matmul on one CPU thread}:
-    the MLP's shape, the bulk of a ViT's FLOPs; 2^25 multiply-adds, so that even emulated bf16
-    answers in milliseconds. The dtypes take turns until each has `min_repeats` timings and the
-    probe has run `min_seconds`; the minimum is kept, since another process on the core only ever
-    adds time, and the turns keep a busy spell from falling on one dtype only (a median of three
-    in a row picked fp32 at 0.08x beside a git commit on a CPU where bf16 makes the step 1.67x).
-    One thread, because a multi-threaded matmul waits at its barrier for whichever thread a busy
-    core has descheduled, so that no timing is clean (beside a 2-thread matmul loop on 2 cores
-    both dtypes took 4 to 8 ms on 2 threads, against 0.21 and 0.06 ms idle; on one thread 0.39
-    and 0.10 ms, as idle); a core's bf16 / fp32 ratio is the step's on any number of them."""
-    tokens = max(16, 2**25 // (4 * width * width))
-    operands = {dtype: (torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype))
-                for dtype in dtypes}
+def fastest_seconds(operations, min_seconds=0.05, min_repeats=5):
+    """{name: fastest seconds of operations[name]()} on one CPU thread. The operations take turns
+    until each has `min_repeats` timings and the probe has run `min_seconds`; the minimum is
+    kept, since another process on the core only ever adds time, and the turns keep a busy spell
+    from falling on one operation only (a median of three in a row picked fp32 at 0.08x beside a
+    git commit on a CPU where bf16 makes the step 1.67x). One thread, because a multi-threaded
+    op waits at its barrier for whichever thread a busy core has descheduled, so that no timing
+    is clean (beside a 2-thread matmul loop on 2 cores both dtypes took 4 to 8 ms on 2 threads,
+    against 0.21 and 0.06 ms idle; on one thread 0.39 and 0.10 ms, as idle); a core's bf16 /
+    fp32 ratio is the step's on any number of them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for a, b in operands.values():  # warm-up: the first call of a shape may build its kernel
-            torch.mm(a, b)
-        fastest, repeats, probe_start = dict.fromkeys(dtypes, math.inf), 0, time.perf_counter()
+        for run in operations.values():  # warm-up: the first call of a shape may build its kernel
+            run()
+        fastest, repeats, probe_start = dict.fromkeys(operations, math.inf), 0, time.perf_counter()
         while repeats < min_repeats or time.perf_counter() - probe_start < min_seconds:
-            for dtype, (a, b) in operands.items():
+            for name, run in operations.items():
                 start = time.perf_counter()
-                torch.mm(a, b)
-                fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
+                run()
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
             repeats += 1
     finally:
         torch.set_num_threads(threads)
     return fastest
+
+
+def matmul_seconds(width, dtypes):
+    """{dtype: fastest seconds of one (tokens, width) @ (width, 4 width) matmul on one CPU thread}:
+    the MLP's shape, the bulk of a ViT's FLOPs; 2^25 multiply-adds, so that even emulated bf16
+    answers in milliseconds."""
+    tokens = max(16, 2**25 // (4 * width * width))
+    operands = {dtype: (torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype))
+                for dtype in dtypes}
+    return fastest_seconds({dtype: lambda a=a, b=b: torch.mm(a, b) for dtype, (a, b) in operands.items()})
+
+
+def attention_seconds(heads, head_dim, tokens, dtypes):
+    """{dtype: fastest seconds of F.scaled_dot_product_attention forward and backward on one CPU
+    thread}, over (n, heads, tokens, head_dim) with n images for about 2^22 multiply-adds forward."""
+    n = max(1, 2**22 // (2 * heads * tokens * tokens * head_dim))
+    operands = {dtype: [torch.randn(n, heads, tokens, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
+                for dtype in dtypes}
+    return fastest_seconds({dtype: lambda qkv=qkv: F.scaled_dot_product_attention(*qkv).sum().backward()
+                            for dtype, qkv in operands.items()})
 
 
 def auto_precision(device, width):
@@ -250,6 +267,20 @@ def auto_precision(device, width):
     seconds = matmul_seconds(width, (torch.float32, torch.bfloat16))
     fp32, bf16 = seconds[torch.float32], seconds[torch.bfloat16]
     return ("bf16" if bf16 < fp32 else "fp32"), f"bf16 matmul {fp32 / bf16:.2f}x fp32"
+
+
+def cpu_attention_dtype(cfg):
+    """The dtype of attention (pqcl.Attention.sdpa_dtype) in a bf16 run on a CPU -> (dtype, why):
+    fp32 where the probe runs the model's attention faster in fp32 than in bf16 (torch's CPU
+    flash kernel: 4x slower in bf16 on an AVX-512 EPYC at 17 to 74 tokens, the whole step 1.3x
+    to 1.5x faster with fp32 attention), else None (autocast's bf16)."""
+    width, _, heads = pqcl.ARCHS[cfg.arch]
+    seconds = attention_seconds(heads, width // heads, 1 + (cfg.img_size // cfg.patch_size) ** 2,
+                                (torch.float32, torch.bfloat16))
+    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
+    if ratio > 1:
+        return torch.float32, f"attention in fp32, its bf16 {1 / ratio:.2f}x"
+    return None, f"attention in bf16, {1 / ratio:.2f}x fp32"
 
 
 def setup_distributed():
@@ -428,6 +459,10 @@ def train(args, stop_requested):
     if precision == "auto":
         precision, precision_why = auto_precision(device, pqcl.ARCHS[cfg.arch][0])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    attention_dtype = None
+    if precision == "bf16" and device.type == "cpu":
+        attention_dtype, attention_why = cpu_attention_dtype(cfg)
+        precision_why += f"; {attention_why}"
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
     if args.keep_every < 0:
@@ -464,6 +499,9 @@ def train(args, stop_requested):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if checkpoint:
         checkpoints.restore(model, checkpoint, optimizer, scaler)
+    for module in model.modules():
+        if isinstance(module, pqcl.Attention):
+            module.sdpa_dtype = attention_dtype
     if args.compile:
         compile_model(model)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
