@@ -58,6 +58,11 @@ figures are medians of interleaved pairs of complete steps, batch 8):
     --precision auto takes fp32 there (its matmul probe; bf16 on GPUs). Where bf16 is emulated (no
     avx512_bf16 or AMX; one matmul 0.01-0.03x fp32 on a 2-core AVX2 EPYC) the bf16 step pairs are
     skipped (EMULATED_BF16) and the matmul figures stand for them.
+  * Under bf16 autocast torch's CPU flash attention is slow at short sequences: on a 2-core
+    Zen 4 EPYC (avx512_bf16, no AMX) its backward took 22 ms per call in bf16 against 1.7 ms
+    in fp32 at 17 tokens, 38% of the Fashion-MNIST preset's step (torch.profiler). So
+    train_ddp probes attention at start and runs it in fp32 where bf16's is slower
+    (pqcl.Attention.sdpa_dtype); the "attention fp32 vs bf16" ratio is that choice's worth.
   * torch.compile gains ~1.03x: the step is GEMM-bound and the GEMMs are the same library
     calls. Compiling ViT-T takes ~50 s with a cold inductor cache, seconds with a warm one.
     While drop path passed its rate to bernoulli_, each student block compiled its own
