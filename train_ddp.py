@@ -272,8 +272,9 @@ def auto_precision(device, width):
 def cpu_attention_dtype(cfg):
     """The dtype of attention (pqcl.Attention.sdpa_dtype) in a bf16 run on a CPU -> (dtype, why):
     fp32 where the probe runs the model's attention faster in fp32 than in bf16 (torch's CPU
-    flash kernel: 4x slower in bf16 on an AVX-512 EPYC at 17 to 74 tokens, the whole step 1.3x
-    to 1.5x faster with fp32 attention), else None (autocast's bf16)."""
+    flash kernel, forward and backward: 4x slower in bf16 than in fp32 at 17 tokens on a Zen 4
+    EPYC, where 200 steps of the Fashion-MNIST preset took 135 s, and 101 s with fp32
+    attention), else None (autocast's bf16)."""
     width, _, heads = pqcl.ARCHS[cfg.arch]
     seconds = attention_seconds(heads, width // heads, 1 + (cfg.img_size // cfg.patch_size) ** 2,
                                 (torch.float32, torch.bfloat16))
