@@ -396,9 +396,7 @@ class Trainer:
         self.model = build_model(variant.cfg, device, variant.naive)
         self.optimizer = train_ddp.make_optimizer(self.model, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[variant.precision]
-        for module in self.model.modules():
-            if isinstance(module, pqcl.Attention) and variant.attention_fp32:
-                module.sdpa_dtype = torch.float32
+        train_ddp.set_attention_dtype(self.model, torch.float32 if variant.attention_fp32 else None)
         if variant.compiled:
             train_ddp.compile_model(self.model)  # lazy: the first steps compile
         self.step_index = variant.cfg.freeze_last_layer_epochs * STEPS_PER_EPOCH  # the last layer trains

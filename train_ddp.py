@@ -284,6 +284,14 @@ def cpu_attention_dtype(cfg):
     return None, f"attention in bf16, {1 / ratio:.2f}x fp32"
 
 
+def set_attention_dtype(model, dtype):
+    """Every pqcl.Attention of `model` (student and teacher) computes attention in `dtype`
+    (None: autocast's)."""
+    for module in model.modules():
+        if isinstance(module, pqcl.Attention):
+            module.sdpa_dtype = dtype
+
+
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -460,14 +468,14 @@ def train(args, stop_requested):
     if precision == "auto":
         precision, precision_why = auto_precision(device, pqcl.ARCHS[cfg.arch][0])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    attention_dtype = None
-    if precision == "bf16" and device.type == "cpu":
-        attention_dtype, attention_why = cpu_attention_dtype(cfg)
-        precision_why += f"; {attention_why}"
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
     if args.keep_every < 0:
         raise UsageError(f"--keep-every {args.keep_every}: pass a number of epochs, or 0 to keep the latest only")
+    attention_dtype = None
+    if precision == "bf16" and device.type == "cpu":
+        attention_dtype, attention_why = cpu_attention_dtype(cfg)
+        precision_why += f"; {attention_why}"
     augment_on = run["augment_on"]
     augment = data.augmentation(cfg, on=augment_on)
     if run["data"] in data.BUILTIN_DATASETS:
@@ -500,9 +508,7 @@ def train(args, stop_requested):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if checkpoint:
         checkpoints.restore(model, checkpoint, optimizer, scaler)
-    for module in model.modules():
-        if isinstance(module, pqcl.Attention):
-            module.sdpa_dtype = attention_dtype
+    set_attention_dtype(model, attention_dtype)
     if args.compile:
         compile_model(model)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
