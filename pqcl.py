@@ -104,7 +104,7 @@ class Config:
     weight_decay: float = knob(0.04, "cosine from this ...")
     weight_decay_end: float = knob(0.4, "... to this; biases and norms are never decayed")
     momentum_teacher: float = knob(0.996, "EMA momentum, cosine to 1; raise to 0.9995 for batch 256")
-    clip_grad: float = knob(3.0, "per-parameter-tensor gradient-norm clip, as DINO/iBOT")
+    clip_grad: float = knob(3.0, "per-parameter-tensor gradient-norm clip, as DINO/iBOT; 0 = no clipping")
     freeze_last_layer_epochs: int = knob(1, "keep the heads' last layer fixed at the start: avoids collapse")
     seed: int = knob(0, "initialisation, data order, views and masks all follow from it")
 
@@ -146,6 +146,7 @@ class Config:
         for name in ("center_momentum", "momentum_teacher"):
             need(0 <= getattr(self, name) <= 1, name, "a momentum must lie in [0, 1]")
         need(0 <= self.drop_path_rate < 1, "drop_path_rate", "must lie in [0, 1)")
+        need(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = no clipping)")
 
     @property
     def use_queries(self):

@@ -1077,6 +1077,7 @@ INVALID = [
     ("arch", lambda: pqcl.Config(arch="vit_huge")),
     ("arch", lambda: pqcl.build_backbone("vit_huge")),
     ("num_queries", lambda: pqcl.Config(num_queries=0, query_weight=1.0)),
+    ("clip_grad", lambda: pqcl.Config(clip_grad=-1.0)),
 ]
 
 

@@ -157,7 +157,7 @@ def expected_schedule(step):
 
 def reference_step(model, batch, schedule, clip=3.0, betas=(0.9, 0.999), eps=1e-8):
     """One DINO/iBOT step written out on a fresh model: the loss at the schedule's teacher
-    temperature, each gradient tensor clipped to norm `clip` on its own, the head's last
+    temperature, each gradient tensor clipped to norm `clip` on its own (0: not clipped), the head's last
     layer left out while frozen, then AdamW's first step by hand (decoupled decay
     p (1 - lr wd), none on biases and norms; update lr m^ / (sqrt(v^) + eps) = lr g / (|g| + eps)),
     then the EMA teacher. Changes `model` in place; returns the loss and the gradients fed."""
@@ -169,7 +169,8 @@ def reference_step(model, batch, schedule, clip=3.0, betas=(0.9, 0.999), eps=1e-
             if not p.requires_grad:
                 continue
             frozen = schedule["freeze_last_layer"] and ".last_layer." in name
-            fed[name] = None if frozen else p.grad * min(1.0, clip / (p.grad.norm().item() + 1e-6))
+            scale = min(1.0, clip / (p.grad.norm().item() + 1e-6)) if clip else 1.0
+            fed[name] = None if frozen else p.grad * scale
             if frozen:
                 continue
             module = name.split(".")[-2]
@@ -183,20 +184,20 @@ def reference_step(model, batch, schedule, clip=3.0, betas=(0.9, 0.999), eps=1e-
     return out["loss"].detach(), fed
 
 
-@pytest.mark.parametrize("step", [1, 3])
-def test_train_step_is_the_reference_step(step):
+@pytest.mark.parametrize("step, clip", [(1, 3.0), (3, 3.0), (3, 0.0)])
+def test_train_step_is_the_reference_step(step, clip):
     """train_step with schedule_at's values equals the reference step on a tiny model (student
     randomised, so the teacher differs and some gradients exceed the clip while others do
-    not): the schedule at that step, the gradients handed to AdamW (clipped per tensor; no
-    last layer at step 1, the first epoch), the student after the step (no decay on biases and
-    norms) and the EMA teacher."""
-    model = randomize_(tiny_pqcl(**STEP_CONFIG).train(), seed=2)
+    not): the schedule at that step, the gradients handed to AdamW (clipped per tensor, or
+    not at all with --clip-grad 0 as in DINO; no last layer at step 1, the first epoch), the
+    student after the step (no decay on biases and norms) and the EMA teacher."""
+    model = randomize_(tiny_pqcl(**STEP_CONFIG, clip_grad=clip).train(), seed=2)
     batch = tiny_batch(model.cfg)
     schedule = train_ddp.schedule_at(model.cfg, step, STEPS_PER_EPOCH)
     assert schedule.keys() == expected_schedule(step).keys()
     assert schedule == pytest.approx(expected_schedule(step), rel=1e-12)
     reference = copy.deepcopy(model)
-    expected_loss, expected_fed = reference_step(reference, batch, expected_schedule(step))
+    expected_loss, expected_fed = reference_step(reference, batch, expected_schedule(step), clip)
 
     optimizer = train_ddp.make_optimizer(model, torch.device("cpu"))
     fed = {}

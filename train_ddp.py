@@ -188,10 +188,10 @@ def train_step(model, optimizer, batch, schedule, amp_dtype=None, scaler=None, m
         scaler.unscale_(optimizer)
     else:
         terms["loss"].backward()
-    params = [p for p in pqcl_model.student.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    norms = torch._foreach_norm(grads)  # DINO clips each parameter tensor on its own
-    torch._foreach_mul_(grads, [torch.clamp(pqcl_model.cfg.clip_grad / (n + 1e-6), max=1.0) for n in norms])
+    if pqcl_model.cfg.clip_grad:  # 0 = no clipping, as DINO's `if args.clip_grad`
+        grads = [p.grad for p in pqcl_model.student.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads)  # DINO clips each parameter tensor on its own
+        torch._foreach_mul_(grads, [torch.clamp(pqcl_model.cfg.clip_grad / (n + 1e-6), max=1.0) for n in norms])
     if schedule["freeze_last_layer"]:
         for name, p in pqcl_model.student.named_parameters():
             if "last_layer" in name:
