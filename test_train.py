@@ -168,11 +168,10 @@ def reference_step(model, batch, schedule, clip=3.0, betas=(0.9, 0.999), eps=1e-
         for name, p in model.student.named_parameters():
             if not p.requires_grad:
                 continue
-            frozen = schedule["freeze_last_layer"] and ".last_layer." in name
-            scale = min(1.0, clip / (p.grad.norm().item() + 1e-6)) if clip else 1.0
-            fed[name] = None if frozen else p.grad * scale
-            if frozen:
+            if schedule["freeze_last_layer"] and ".last_layer." in name:
+                fed[name] = None  # frozen: AdamW gets no gradient
                 continue
+            fed[name] = p.grad * (min(1.0, clip / (p.grad.norm().item() + 1e-6)) if clip else 1.0)
             module = name.split(".")[-2]
             decay = 0.0 if name.endswith(".bias") or module.startswith("norm") else schedule["weight_decay"]
             first_moment, second_moment = (1 - betas[0]) * fed[name], (1 - betas[1]) * fed[name] ** 2
