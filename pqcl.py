@@ -79,6 +79,8 @@ class Config:
     framework: str = knob("ibot", "'ibot' adds the masked-patch term of Eq. 2, 'dino' has [CLS] only")
     query_weight: float = knob(1.0, "lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline")
     patch_weight: float = knob(1.0, "lambda of Eq. 2 (iBOT's masked-patch weight)")
+    koleo_weight: float = knob(0.0, "weight of DINOv2's KoLeo term on the student's global [CLS] tokens "
+                                    "(not in the paper; 0 = off, DINOv2 uses 0.1)")
     mask_ratios: tuple = knob((0.0, 0.3), "iBOT pred_ratio: per view one is picked at random ...")
     mask_ratio_vars: tuple = knob((0.0, 0.2), "... and jittered by +- this: 0 or U(0.1, 0.5)")
     mask_aspect: tuple = knob((0.3, 1 / 0.3), "block aspect-ratio range (BEiT)")
@@ -147,6 +149,7 @@ class Config:
             need(0 <= getattr(self, name) <= 1, name, "a momentum must lie in [0, 1]")
         need(0 <= self.drop_path_rate < 1, "drop_path_rate", "must lie in [0, 1)")
         need(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = no clipping)")
+        need(self.koleo_weight >= 0, "koleo_weight", "must be >= 0 (0 = off)")
 
     @property
     def use_queries(self):
@@ -695,6 +698,21 @@ def query_loss(student_query, teacher_query_probs, student_temp):
     return cross_entropy(student_query, teacher_query_probs[None], student_temp).mean()
 
 
+def koleo_loss(cls_tokens):
+    """DINOv2's KoLeo regulariser (Sablayrolles et al., 2019), not part of PQCL: within each
+    view, minus the mean log distance of every l2-normalised [CLS] token to its nearest
+    other token of the batch, which spreads the batch over the sphere. cls_tokens (V, B, D)
+    -> sum over the V views, as DINOv2 sums over its two global views (each process on its
+    own batch, as there)."""
+    x = F.normalize(cls_tokens.float(), dim=-1)  # (V, B, D)
+    with torch.no_grad():
+        similarity = x @ x.transpose(1, 2)  # (V, B, B)
+        similarity.diagonal(dim1=1, dim2=2).fill_(-2.0)  # never one's own neighbour
+        nearest = similarity.argmax(-1)  # (V, B)
+    neighbours = x.gather(1, nearest[..., None].expand_as(x))  # (V, B, D)
+    return -torch.log((x - neighbours).norm(dim=-1) + 1e-8).mean(-1).sum()
+
+
 # Reading a run (DINO Sec. 5.3): cross-entropy = H(t) + KL(t || s). H(t) near ln K with KL
 # near 0 is collapse to a uniform output, H(t) near 0 with KL near 0 collapse to one
 # prototype; an effective rank near 1 is dimensional collapse.
@@ -790,7 +808,9 @@ class PQCL(nn.Module):
         if query_pos is not None:
             terms["query"] = query_loss(student_logits["query"].unflatten(0, (V, B)), targets["query"],
                                         cfg.student_temp)
+        terms["koleo"] = koleo_loss(tokens[:, 0].unflatten(0, (V, B))) if cfg.koleo_weight > 0 else zero
         loss = terms["cls"] + cfg.patch_weight * terms["patch"] + cfg.query_weight * terms["query"]  # Eq. 9
+        loss = loss + cfg.koleo_weight * terms["koleo"]
         out = {"loss": loss, **terms}
         if monitor:
             out.update(self.collapse_monitors(terms, targets, student_cls, masked, V),

@@ -922,6 +922,38 @@ def test_query_loss_by_hand():
     assert pqcl.query_loss(student, teacher, STUDENT_TEMP).item() == pytest.approx(sum(terms) / 4, rel=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(views=st.integers(1, 3), batch=st.integers(2, 6), dim=st.integers(2, 8), seed=st.integers(0, 2**31))
+def test_koleo_loss_matches_nearest_neighbour_loop(views, batch, dim, seed):
+    """KoLeo: per view, minus the mean log Euclidean distance of each l2-normalised token to
+    its nearest other token, found here by comparing every pair; summed over the views."""
+    tokens = torch.randn(views, batch, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = 0.0
+    for view in tokens:
+        unit = [t / t.norm() for t in view]
+        expected += sum(-math.log(min((unit[i] - unit[j]).norm().item() for j in range(batch) if j != i) + 1e-8)
+                        for i in range(batch)) / batch
+    assert pqcl.koleo_loss(tokens).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)  # computed in fp32
+
+
+def test_koleo_term_is_weighted_on_the_students_global_cls_tokens():
+    """loss = Eq. 9 + koleo_weight * KoLeo of the student backbone's [CLS] tokens of each
+    global view (the modules named here; the teacher made to differ), and with weight 0 the
+    loss is bit-identical to the model without the term."""
+    plain = perturb_teacher_(tiny_pqcl())
+    weighted = tiny_pqcl(koleo_weight=0.3)
+    weighted.load_state_dict(plain.state_dict())
+    batch = tiny_batch(plain.cfg)
+    ref, out = loss_terms(plain, batch), loss_terms(weighted, batch)
+    with torch.no_grad():
+        student_cls = torch.stack([weighted.student.backbone.forward_student(
+            batch["globals"][:, v], batch["query_pos"][:, v], batch["masks"][:, v])[0][:, 0] for v in range(2)])
+    torch.testing.assert_close(out["koleo"], pqcl.koleo_loss(student_cls), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["loss"], ref["loss"] + 0.3 * out["koleo"], atol=1e-5, rtol=0)
+    assert ref["koleo"].item() == 0.0
+    assert torch.equal(ref["loss"], ref["cls"] + ref["patch"] + ref["query"])
+
+
 # --------------------------------------------------------------------------------------
 # Parameters: count and timm names
 # --------------------------------------------------------------------------------------
@@ -1078,6 +1110,7 @@ INVALID = [
     ("arch", lambda: pqcl.build_backbone("vit_huge")),
     ("num_queries", lambda: pqcl.Config(num_queries=0, query_weight=1.0)),
     ("clip_grad", lambda: pqcl.Config(clip_grad=-1.0)),
+    ("koleo_weight", lambda: pqcl.Config(koleo_weight=-0.1)),
 ]
 
 

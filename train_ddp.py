@@ -392,7 +392,7 @@ class DataWait:
         return seconds
 
 
-LOSS_TERMS = ("loss", "cls", "patch", "query")
+LOSS_TERMS = ("loss", "cls", "patch", "query", "koleo")
 MONITORED = ("cls", "patch", "query", "local")  # terms with collapse monitors (PQCL.collapse_monitors)
 
 
@@ -424,7 +424,8 @@ class Progress:
         self.file.flush()
         eta = (now - self.run_start) / (step - self.start_step) * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} ep {epoch} | loss {losses['loss']:.3f} (cls {losses['cls']:.3f} "
-                f"patch {losses['patch']:.3f} query {losses['query']:.3f}) | "
+                f"patch {losses['patch']:.3f} query {losses['query']:.3f}"
+                + (f" koleo {losses['koleo']:.3f}" if losses["koleo"] else "") + ") | "
                 + "".join(f"H(t)/KL {term} {monitors[f'entropy_{term}']:.2f}/{monitors[f'kl_{term}']:.2f} | "
                           for term in MONITORED if f"entropy_{term}" in monitors)
                 + (f"rank {monitors['effective_rank']:.1f} | " if "effective_rank" in monitors else "")
