@@ -80,7 +80,8 @@ class Config:
     query_weight: float = knob(1.0, "lambda of Eq. 9; 0 gives the plain iBOT / DINO baseline")
     patch_weight: float = knob(1.0, "lambda of Eq. 2 (iBOT's masked-patch weight)")
     koleo_weight: float = knob(0.0, "weight of DINOv2's KoLeo term on the student's global [CLS] tokens "
-                                    "(not in the paper; 0 = off, DINOv2 uses 0.1)")
+                                    "(not in the paper; 0 = off, DINOv2 uses 0.1); per process, so a DDP run "
+                                    "is not one process on the global batch")
     mask_ratios: tuple = knob((0.0, 0.3), "iBOT pred_ratio: per view one is picked at random ...")
     mask_ratio_vars: tuple = knob((0.0, 0.2), "... and jittered by +- this: 0 or U(0.1, 0.5)")
     mask_aspect: tuple = knob((0.3, 1 / 0.3), "block aspect-ratio range (BEiT)")
@@ -150,6 +151,8 @@ class Config:
         need(0 <= self.drop_path_rate < 1, "drop_path_rate", "must lie in [0, 1)")
         need(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = no clipping)")
         need(self.koleo_weight >= 0, "koleo_weight", "must be >= 0 (0 = off)")
+        need(self.koleo_weight == 0 or self.batch_size >= 2, "koleo_weight",
+             "needs batch_size >= 2 per process (a nearest neighbour); set koleo_weight 0 or a larger batch")
 
     @property
     def use_queries(self):

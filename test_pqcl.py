@@ -1111,6 +1111,7 @@ INVALID = [
     ("num_queries", lambda: pqcl.Config(num_queries=0, query_weight=1.0)),
     ("clip_grad", lambda: pqcl.Config(clip_grad=-1.0)),
     ("koleo_weight", lambda: pqcl.Config(koleo_weight=-0.1)),
+    ("koleo_weight", lambda: pqcl.Config(koleo_weight=0.5, batch_size=1)),
 ]
 
 
