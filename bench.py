@@ -24,8 +24,8 @@ figures (s/step, memory) come from the steps of the first comparison it ran in.
     PQCL vs iBOT      the cost of the method on the recipe's model: query_weight 1
                       against 0 (plain iBOT)
     bf16 vs fp32      autocast on the step's device (not timed where bf16 is emulated: EMULATED_BF16)
-    attention fp32    on a CPU, a bf16 step with its attention in fp32 against all-bf16
-                      (train_ddp takes fp32 attention where its probe finds bf16's slower)
+    attention matmul  on a CPU, a bf16 step with attention as two matmuls (pqcl.matmul_attention)
+                      against SDPA (train_ddp takes the matmuls where its probe finds them faster)
     compile vs eager  transformer blocks and heads compiled in place (train_ddp --compile);
                       the compile time is reported on its own
 
@@ -60,9 +60,12 @@ figures are medians of interleaved pairs of complete steps, batch 8):
     skipped (EMULATED_BF16) and the matmul figures stand for them.
   * Under bf16 autocast torch's CPU flash attention is slow at short sequences: on a 2-core
     Zen 4 EPYC (avx512_bf16, no AMX) its backward took 22 ms per call in bf16 against 1.7 ms
-    in fp32 at 17 tokens, 38% of the Fashion-MNIST preset's step (torch.profiler). So
-    train_ddp probes attention at start and runs it in fp32 where bf16's is slower
-    (pqcl.Attention.sdpa_dtype); the "attention fp32 vs bf16" ratio is that choice's worth.
+    in fp32 at 17 tokens, 38% of the Fashion-MNIST preset's step (torch.profiler); SDPA's math
+    backend computes bf16 in fp32. Two bf16 matmuls and a softmax (pqcl.matmul_attention) took
+    10 ms forward and backward at (128 images, 3 heads, 65 tokens) against 26-29 ms for SDPA
+    in fp32 and 57-60 ms in bf16; the embedded preset's whole bf16 step ran 1.16-1.19x faster
+    than with SDPA in fp32 (medians of 8 interleaved steps, 2026-12-07). So train_ddp probes both at start in a bf16 CPU
+    run and takes the faster; the "attention matmul vs SDPA" ratio is that choice's worth.
   * torch.compile gains ~1.03x: the step is GEMM-bound and the GEMMs are the same library
     calls. Compiling ViT-T takes ~50 s with a cold inductor cache, seconds with a warm one.
     While drop path passed its rate to bernoulli_, each student block compiled its own
@@ -374,7 +377,7 @@ class Variant:
     precision: str = "fp32"  # autocast dtype of the step: fp32 (none) or bf16
     compiled: bool = False
     naive: bool = False
-    attention_fp32: bool = False  # a bf16 step's attention in fp32 (pqcl.Attention.sdpa_dtype), as train_ddp may pick
+    matmul_attention: bool = False  # attention as pqcl.matmul_attention instead of SDPA, as train_ddp may pick
 
     @property
     def label(self):
@@ -382,7 +385,7 @@ class Variant:
         name = f"{ARCH_NAMES[cfg.arch]}/{cfg.patch_size}" + (f" depth {cfg.depth}" if cfg.depth else "")
         method = "PQCL-iBOT" if cfg.use_queries else "iBOT"
         return " ".join([name, f"{cfg.img_size}px", f"b{self.batch_size}", method, "naive" if self.naive else "fast",
-                         self.precision] + (["attention fp32"] if self.attention_fp32 else [])
+                         self.precision] + (["matmul attention"] if self.matmul_attention else [])
                         + (["compiled"] if self.compiled else []))
 
 
@@ -396,7 +399,8 @@ class Trainer:
         self.model = build_model(variant.cfg, device, variant.naive)
         self.optimizer = train_ddp.make_optimizer(self.model, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[variant.precision]
-        train_ddp.set_attention_dtype(self.model, torch.float32 if variant.attention_fp32 else None)
+        train_ddp.set_attention(self.model, pqcl.matmul_attention if variant.matmul_attention
+                                else torch.nn.functional.scaled_dot_product_attention)
         if variant.compiled:
             train_ddp.compile_model(self.model)  # lazy: the first steps compile
         self.step_index = variant.cfg.freeze_last_layer_epochs * STEPS_PER_EPOCH  # the last layer trains
@@ -729,11 +733,11 @@ def run(args):
             times_fp32, times_bf16 = interleave("bf16 vs fp32", fp32, bf16)
             results["ratios"]["bf16 vs fp32: speed-up"] = {"variants": [fp32.label, bf16.label],
                                                            **ratio(times_fp32, times_bf16)}
-            if device.type == "cpu":  # train_ddp's bf16 runs take fp32 attention where its probe finds it faster
-                bf16_attention_fp32 = replace(bf16, attention_fp32=True)
-                times_bf16, times_attention_fp32 = interleave("attention fp32 vs bf16", bf16, bf16_attention_fp32)
-                results["ratios"]["bf16 step, attention fp32 vs bf16: speed-up"] = {
-                    "variants": [bf16.label, bf16_attention_fp32.label], **ratio(times_bf16, times_attention_fp32)}
+            if device.type == "cpu":  # train_ddp's bf16 runs take the matmuls where its probe finds them faster
+                bf16_matmul = replace(bf16, matmul_attention=True)
+                times_bf16, times_matmul = interleave("attention matmul vs SDPA", bf16, bf16_matmul)
+                results["ratios"]["bf16 step, attention matmul vs SDPA: speed-up"] = {
+                    "variants": [bf16.label, bf16_matmul.label], **ratio(times_bf16, times_matmul)}
         name = "compile vs eager: speed-up"
         compiled = replace(base, compiled=True)
         if args.no_compile or args.quick:

@@ -400,23 +400,24 @@ def drop_path(x, rate, training):
     return x * keep.to(x.dtype) / (1.0 - rate)
 
 
+def matmul_attention(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v as two batched matmuls: what F.scaled_dot_product_attention
+    computes, without its fused kernels. q (..., Tq, hd), k and v (..., Tk, hd) -> (..., Tq, hd).
+    Written out because at the few dozen tokens of the CPU presets torch's CPU kernels are the
+    slower: under bf16 autocast its flash kernel took 5.7x, in fp32 2.6x the time of these two
+    bf16 matmuls (forward and backward at 65 tokens, Zen 4 EPYC), and its math backend computes
+    bf16 in fp32. train_ddp times both at start (cpu_attention)."""
+    weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (..., Tq, Tk)
+    return weights.softmax(-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        # None: attention in the dtype autocast gives it. train_ddp sets float32 where bf16
-        # attention is the slower (torch's CPU flash kernel in bf16 was 4x its fp32 time on an
-        # AVX-512 EPYC at these short sequences), keeping bf16 for the matmuls around it
-        self.sdpa_dtype = None
-
-    def sdpa(self, q, k, v):  # F.scaled_dot_product_attention, in self.sdpa_dtype if set
-        if self.sdpa_dtype is None:
-            return F.scaled_dot_product_attention(q, k, v)
-        with torch.autocast(q.device.type, enabled=False):  # autocast would cast the inputs back
-            out = F.scaled_dot_product_attention(q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype))
-        return out.to(q.dtype)
+        self.attend = F.scaled_dot_product_attention  # (q, k, v) -> out; train_ddp may set matmul_attention
 
     def forward(self, x, num_raw, num_crops):
         """x (B, R + Q*L, D): R raw tokens, then the L query tokens of each of Q crops.
@@ -428,9 +429,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         H, R = self.num_heads, num_raw
         q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        out = self.sdpa(q[:, :, :R], k[:, :, :R], v[:, :, :R])  # (B, H, R, hd)
+        out = self.attend(q[:, :, :R], k[:, :, :R], v[:, :, :R])  # (B, H, R, hd)
         if num_crops == 1:  # the crop's keys, raw tokens then its own, are the whole sequence: no copy
-            crop_out = self.sdpa(q[:, :, R:], k, v)  # Eq. 6, (B, H, L, hd)
+            crop_out = self.attend(q[:, :, R:], k, v)  # Eq. 6, (B, H, L, hd)
             out = torch.cat([out, crop_out], dim=2)  # (B, H, T, hd)
         elif num_crops > 1:
             L = (T - R) // num_crops
@@ -441,7 +442,7 @@ class Attention(nn.Module):
                 return torch.cat([raw, own], dim=3).flatten(0, 1)
 
             crop_q = q[:, :, R:].unflatten(2, (num_crops, L)).transpose(1, 2).flatten(0, 1)  # (B*Q, H, L, hd)
-            crop_out = self.sdpa(crop_q, per_crop(k), per_crop(v))  # Eq. 6, (B*Q, H, L, hd)
+            crop_out = self.attend(crop_q, per_crop(k), per_crop(v))  # Eq. 6, (B*Q, H, L, hd)
             crop_out = crop_out.unflatten(0, (B, num_crops)).transpose(1, 2).flatten(2, 3)  # (B, H, Q*L, hd)
             out = torch.cat([out, crop_out], dim=2)  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))

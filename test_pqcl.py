@@ -21,6 +21,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.flop_counter
 import torchvision.transforms.v2 as T
 from hypothesis import given, settings
@@ -30,6 +31,7 @@ from PIL import Image
 import bench
 import data
 import pqcl
+import train_ddp
 import visualize
 
 # --------------------------------------------------------------------------------------
@@ -235,31 +237,38 @@ def test_forward_student_matches_masked_attention_reference(positions, mask):
     torch.testing.assert_close(queries, ref_queries, atol=1e-6, rtol=0)
 
 
+@FAST
+@given(tq=st.integers(1, 9), tk=st.integers(1, 9), hd=st.sampled_from([2, 8, 64]), seed=st.integers(0, 2**16))
+def test_matmul_attention_is_sdpa(tq, tk, hd, seed):
+    """pqcl.matmul_attention computes what F.scaled_dot_product_attention computes (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, t, hd, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
+    torch.testing.assert_close(pqcl.matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("num_crops", [1, 2])
-@pytest.mark.parametrize("sdpa_dtype", [None, torch.float32])
-def test_attention_runs_in_its_sdpa_dtype_under_bf16_autocast(sdpa_dtype, num_crops):
-    """Attention.sdpa_dtype (train_ddp sets float32 where a CPU's bf16 attention is the slower):
-    under bf16 autocast every attention call gets q, k, v in that dtype (autocast's bf16 when
-    None) and the block returns bf16; the result is the masked softmax attention of the bf16
-    q, k, v computed in float64 by hand, to the rounding of one bf16 step."""
+@pytest.mark.parametrize("attend", [F.scaled_dot_product_attention, pqcl.matmul_attention])
+def test_attention_under_bf16_autocast_is_the_masked_reference(attend, num_crops):
+    """Attention.attend (train_ddp sets pqcl.matmul_attention where a CPU runs it faster): every
+    attention call goes through it, and under bf16 autocast the block returns bf16 equal to the
+    masked softmax attention of the bf16 q, k, v computed in float64 by hand, to the rounding of
+    a few bf16 steps."""
     R, L, D, H = 5, 3, 32, 2
     torch.manual_seed(0)
     attn = pqcl.Attention(D, H)
-    attn.sdpa_dtype = sdpa_dtype
     x = torch.randn(2, R + num_crops * L, D)
-    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    calls = []
 
     def recording(q, k, v):
-        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
-        return sdpa(q, k, v)
+        calls.append(q.shape)
+        return attend(q, k, v)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), \
-            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recording):
+    attn.attend = recording
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x, R, num_crops)  # (2, T, D)
         q, k, v = attn.qkv(x).view(2, -1, 3, H, D // H).permute(2, 0, 3, 1, 4).double()  # 3 x (2, H, T, hd)
-    expected = sdpa_dtype or torch.bfloat16
-    assert seen and all(call == (expected, expected, expected, sdpa_dtype is None) for call in seen)
-    assert out.dtype == torch.bfloat16
+    assert len(calls) == 2 and out.dtype == torch.bfloat16  # raw tokens, then the crops' queries
     scores = (q @ k.transpose(-2, -1)) * (D // H) ** -0.5
     scores = scores.masked_fill(~allowed_attention(R, num_crops, L), float("-inf"))
     mixed = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, -1, D)  # (2, T, D), float64
@@ -1269,19 +1278,14 @@ def test_bench_naive_path_computes_the_fast_loss():
     torch.testing.assert_close(naive_center, fast_center)
 
 
-def math_attention(q, k, v):
-    """softmax(q k^T / sqrt(hd)) v with plain matmuls, which torch's FLOP counter sees (it does
-    not count the CPU's fused scaled_dot_product_attention)."""
-    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
-
-
 def counted_forward_flops(model, batch):
     """Matmul FLOPs of one forward, counted by torch.utils.flop_counter and split by branch:
     the patch embedding, each block and each head of the teacher and of the student (the
-    losses' einsum lies outside them, as bench.step_flops leaves losses out)."""
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", math_attention):
-        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-            model(batch)
+    losses' einsum lies outside them, as bench.step_flops leaves losses out). Attention runs as
+    pqcl.matmul_attention, whose matmuls the counter sees (it does not count the CPU's fused SDPA)."""
+    train_ddp.set_attention(model, pqcl.matmul_attention)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        model(batch)
     counts = {}
     for name, per_op in counter.get_flop_counts().items():
         match = re.fullmatch(r"\w+\.(teacher|student)\.(backbone\.patch_embed|backbone\.blocks\.\d+|heads\.\w+)", name)

@@ -20,6 +20,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, default_collate
@@ -455,26 +456,27 @@ def test_resumable_sampler_deals_whole_global_batches():
     assert list(later) == full[20:] and len(later) == len(full) - 20
 
 
-@pytest.mark.parametrize("bf16_seconds,attention_bf16_seconds,expected,expected_attention", [
-    (0.5, 2.0, torch.bfloat16, torch.float32), (0.5, 0.5, torch.bfloat16, None), (2.0, 2.0, None, None)])
-def test_auto_precision_follows_the_matmul_and_attention_probes(tiny_images, tmp_path, capsys, bf16_seconds,
-                                                                attention_bf16_seconds, expected, expected_attention):
+@pytest.mark.parametrize("bf16_seconds,matmul_attention_seconds,expected,expected_attention", [
+    (0.5, 0.5, torch.bfloat16, pqcl.matmul_attention), (0.5, 2.0, torch.bfloat16, F.scaled_dot_product_attention),
+    (2.0, 0.5, None, F.scaled_dot_product_attention)])
+def test_auto_precision_and_attention_follow_their_probes(tiny_images, tmp_path, capsys, bf16_seconds,
+                                                          matmul_attention_seconds, expected, expected_attention):
     """--precision auto on a CPU: bf16 where the probe's bf16 matmul is faster than fp32, and
     the run then trains under bf16 autocast; fp32 (no autocast) where bf16 is slower, as on a
-    CPU without native bf16. A bf16 run's attention (every pqcl.Attention of student and
-    teacher) is in fp32 where the attention probe finds bf16's slower; an fp32 run never probes it."""
+    CPU without native bf16. Attention (every pqcl.Attention of student and teacher) is
+    pqcl.matmul_attention in a bf16 run where the attention probe finds it faster than SDPA,
+    else SDPA; an fp32 run never probes it. The start line names both choices."""
     used, attention_probes = [], []
     step = train_ddp.train_step
     timings = {torch.float32: 1.0, torch.bfloat16: bf16_seconds}
-    attention_timings = {torch.float32: 1.0, torch.bfloat16: attention_bf16_seconds}
 
-    def attention_seconds(heads, head_dim, tokens, dtypes):
+    def attention_seconds(heads, head_dim, tokens):
         attention_probes.append((heads, head_dim, tokens))
-        return {d: attention_timings[d] for d in dtypes}
+        return {"sdpa": 1.0, "matmul": matmul_attention_seconds}
 
     def recording_step(*args, **kwargs):
-        dtypes = {m.sdpa_dtype for m in args[0].modules() if isinstance(m, pqcl.Attention)}
-        used.append((args[4], dtypes))
+        attends = {m.attend for m in args[0].modules() if isinstance(m, pqcl.Attention)}
+        used.append((args[4], attends))
         return step(*args, **kwargs)
 
     with mock.patch.object(train_ddp, "matmul_seconds", lambda width, dtypes: {d: timings[d] for d in dtypes}), \
@@ -486,19 +488,21 @@ def test_auto_precision_follows_the_matmul_and_attention_probes(tiny_images, tmp
     out = capsys.readouterr().out
     assert f"{'bf16' if expected else 'fp32'} (bf16 matmul {1.0 / bf16_seconds:.2f}x fp32" in out
     if expected is None:
-        assert attention_probes == [] and "attention in" not in out
+        assert attention_probes == [] and "attention" not in out.splitlines()[0]
     else:
         width, _, heads = pqcl.ARCHS["vit_tiny"]
         assert attention_probes == [(heads, width // heads, 1 + (32 // 8) ** 2)]  # TINY_RUN's sequence
-        assert (f"attention in fp32, its bf16 {1 / attention_bf16_seconds:.2f}x" if expected_attention else
-                f"attention in bf16, {1 / attention_bf16_seconds:.2f}x fp32") in out
+        assert (f"attention as two matmuls, {1 / matmul_attention_seconds:.2f}x SDPA"
+                if expected_attention is pqcl.matmul_attention else
+                f"attention by SDPA, {matmul_attention_seconds:.2f}x the matmuls") in out
 
 
 def test_attention_probe_is_quick_and_valid():
     """The real attention probe answers at the recipe's ViT-S/16 sequence in well under a second."""
     start = time.perf_counter()
-    dtype, why = train_ddp.cpu_attention_dtype(pqcl.Config())
-    assert dtype in (None, torch.float32) and why.startswith("attention in") and time.perf_counter() - start < 5
+    attend, why = train_ddp.cpu_attention(pqcl.Config())
+    assert attend in (pqcl.matmul_attention, F.scaled_dot_product_attention)
+    assert why.startswith("attention ") and time.perf_counter() - start < 5
 
 
 def test_matmul_probe_keeps_its_answer_when_another_process_takes_the_core():

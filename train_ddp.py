@@ -248,14 +248,20 @@ def matmul_seconds(width, dtypes):
     return fastest_seconds({dtype: lambda a=a, b=b: torch.mm(a, b) for dtype, (a, b) in operands.items()})
 
 
-def attention_seconds(heads, head_dim, tokens, dtypes):
-    """{dtype: fastest seconds of F.scaled_dot_product_attention forward and backward on one CPU
-    thread}, over (n, heads, tokens, head_dim) with n images for about 2^22 multiply-adds forward."""
+def attention_seconds(heads, head_dim, tokens):
+    """{"sdpa": s, "matmul": s}: fastest seconds of F.scaled_dot_product_attention and of
+    pqcl.matmul_attention, forward and backward under bf16 autocast on one CPU thread, over
+    (n, heads, tokens, head_dim) bf16 with n images for about 2^22 multiply-adds forward."""
     n = max(1, 2**22 // (2 * heads * tokens * tokens * head_dim))
-    operands = {dtype: [torch.randn(n, heads, tokens, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
-                for dtype in dtypes}
-    return fastest_seconds({dtype: lambda qkv=qkv: F.scaled_dot_product_attention(*qkv).sum().backward()
-                            for dtype, qkv in operands.items()})
+    qkv = [torch.randn(n, heads, tokens, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+    def forward_backward(attend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attend(*qkv)
+        out.float().sum().backward()
+
+    return fastest_seconds({"sdpa": lambda: forward_backward(F.scaled_dot_product_attention),
+                            "matmul": lambda: forward_backward(pqcl.matmul_attention)})
 
 
 def auto_precision(device, width):
@@ -269,27 +275,25 @@ def auto_precision(device, width):
     return ("bf16" if bf16 < fp32 else "fp32"), f"bf16 matmul {fp32 / bf16:.2f}x fp32"
 
 
-def cpu_attention_dtype(cfg):
-    """The dtype of attention (pqcl.Attention.sdpa_dtype) in a bf16 run on a CPU -> (dtype, why):
-    fp32 where the probe runs the model's attention faster in fp32 than in bf16 (torch's CPU
-    flash kernel, forward and backward: 4x slower in bf16 than in fp32 at 17 tokens on a Zen 4
-    EPYC, where 200 steps of the Fashion-MNIST preset took 135 s, and 101 s with fp32
-    attention), else None (autocast's bf16)."""
+def cpu_attention(cfg):
+    """How a bf16 run on a CPU computes attention (pqcl.Attention.attend) -> (function, why):
+    pqcl.matmul_attention where the probe at the model's heads and sequence length runs it
+    faster than torch's SDPA, else F.scaled_dot_product_attention. (At 65 tokens on a Zen 4
+    EPYC the embedded preset's bf16 step ran 1.19x faster with it.) An fp32 run keeps SDPA:
+    there the two are about as fast, and the choice would flip with the probe's noise."""
     width, _, heads = pqcl.ARCHS[cfg.arch]
-    seconds = attention_seconds(heads, width // heads, 1 + (cfg.img_size // cfg.patch_size) ** 2,
-                                (torch.float32, torch.bfloat16))
-    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
-    if ratio > 1:
-        return torch.float32, f"attention in fp32, its bf16 {1 / ratio:.2f}x"
-    return None, f"attention in bf16, {1 / ratio:.2f}x fp32"
+    seconds = attention_seconds(heads, width // heads, 1 + (cfg.img_size // cfg.patch_size) ** 2)
+    speedup = seconds["sdpa"] / seconds["matmul"]
+    if speedup > 1:
+        return pqcl.matmul_attention, f"attention as two matmuls, {speedup:.2f}x SDPA"
+    return F.scaled_dot_product_attention, f"attention by SDPA, {1 / speedup:.2f}x the matmuls"
 
 
-def set_attention_dtype(model, dtype):
-    """Every pqcl.Attention of `model` (student and teacher) computes attention in `dtype`
-    (None: autocast's)."""
+def set_attention(model, attend):
+    """Every pqcl.Attention of `model` (student and teacher) computes attention with `attend`."""
     for module in model.modules():
         if isinstance(module, pqcl.Attention):
-            module.sdpa_dtype = dtype
+            module.attend = attend
 
 
 def setup_distributed():
@@ -473,9 +477,9 @@ def train(args, stop_requested):
         raise UsageError("--precision fp16 needs a GPU (gradient scaling); use bf16 or fp32 on the CPU")
     if args.keep_every < 0:
         raise UsageError(f"--keep-every {args.keep_every}: pass a number of epochs, or 0 to keep the latest only")
-    attention_dtype = None
-    if precision == "bf16" and device.type == "cpu":
-        attention_dtype, attention_why = cpu_attention_dtype(cfg)
+    attend = F.scaled_dot_product_attention
+    if device.type == "cpu" and precision == "bf16":
+        attend, attention_why = cpu_attention(cfg)
         precision_why += f"; {attention_why}"
     augment_on = run["augment_on"]
     augment = data.augmentation(cfg, on=augment_on)
@@ -509,7 +513,7 @@ def train(args, stop_requested):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if checkpoint:
         checkpoints.restore(model, checkpoint, optimizer, scaler)
-    set_attention_dtype(model, attention_dtype)
+    set_attention(model, attend)
     if args.compile:
         compile_model(model)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
