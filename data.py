@@ -77,7 +77,7 @@ def make_shapes(num, size=32, seed=0, supersample=2, chunk=250):
     across images. (With saturated random colours the views share colour first, and the shape
     is not learnt in a short run. Without the negatives the default run's [CLS] targets collapse to
     uniform and its k-NN gain falls from +10.8 to +3.7: the polarity is what spreads a random ViT's
-    [CLS] outputs at the start; README, fourth round.)
+    [CLS] outputs at the start; docs/tuning.md, fourth round.)
     Returns images (num, 3, size, size) uint8, labels (num,), label maps (num, size, size)
     uint8 with 0 = background and 1 + class on the shape."""
     rng = np.random.default_rng(seed)
@@ -180,23 +180,23 @@ BUILTIN_DATASETS = {"embedded": embedded_splits, "fashion-mnist": fashion_mnist_
 # CPU presets: the authors' recipe (pqcl.Config's defaults), except where a run of minutes on
 # 2 cores needs otherwise. The comments give the default run's k-NN top-1 (%, seed 0; random
 # init 20.2) for the alternatives tried, on the CPU path (--augment-on cpu, the default then);
-# README ("The built-in data") has five more rounds, read off the collapse monitors; only the
+# docs/tuning.md has every run of nine rounds, most read off the collapse monitors; only the
 # fifth's KoLeo term and the seventh's lr beat these values on three seeds or more.
 EMBEDDED = dict(
     arch="vit_tiny", depth=4, img_size=32, patch_size=4, query_size=12,  # 8 x 8 patches, 3 x 3 query patches
     global_scale=(0.4, 1.0), drop_path_rate=0.0, out_dim=1024, hidden_dim=512, bottleneck_dim=128,
-    epochs=2, batch_size=64, warmup_epochs=1,  # 3 epochs: +0.8 ± 4.3 on seeds 0-5, over the 300 s (README, eighth round)
-    lr=3e-3,  # x 64 / 256 = 7.5e-4 applied; with KoLeo +2.6 over 4e-3 on seeds 0-5 (README, seventh round);
+    epochs=2, batch_size=64, warmup_epochs=1,  # 3 epochs: +0.8 ± 4.3 and +0.3 ± 6.4 on nine seed-runs (tuning.md, rounds 8, 9)
+    lr=3e-3,  # x 64 / 256 = 7.5e-4 applied; with KoLeo +2.6 over 4e-3 on seeds 0-5 (tuning.md, seventh round);
     # before KoLeo 4e-3 gave 29.9 here, 27.3 at 8e-3, 24.8 at 1e-3
     teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0,  # 29.9; 25.9 at 0.1, 21.0 at 0.04
     momentum_teacher=0.95,  # 29.9; 23.6 at 0.9; at 0.99 the teacher lags ~100 of the run's 186 steps
     freeze_last_layer_epochs=0,
-    koleo_weight=0.5)  # DINOv2's KoLeo: +1.7, +1.0, +1.1 on seeds 0, 1, 2 (README, fifth round); 0.1 and 1.0 lower
+    koleo_weight=0.5)  # DINOv2's KoLeo: +1.7, +1.0, +1.1 on seeds 0, 1, 2 (tuning.md, fifth round); 0.1 and 1.0 lower
 # Fashion-MNIST: the embedded preset on a 4 x 4 grid of 8-px patches, query crops of 2 x 2 patches
 # (the embedded 8 x 8 grid learns more per step, 936 steps on 30000 images: 68.9 against 54.5 at
 # its random init, but costs 3x as much per step), then three epochs of the 60000 images (2811
 # steps) at lr 2e-3 (half the embedded preset's lr of then) with sharper teacher targets (0.05). k-NN % against 68.2 at
-# random init (README's table): two epochs as the embedded preset 75.2 in 13 min (Zen 5 EPYC, bf16);
+# random init (docs/tuning.md): two epochs as the embedded preset 75.2 in 13 min (Zen 5 EPYC, bf16);
 # a third epoch 77.5 in 21 min; lr 2e-3 76.5; three epochs at lr 2e-3 77.9 (Xeon with AMX); and
 # teacher temperature 0.05 too, this preset: 78.6 in 17 min 17 s there, 79.0 in 19 min 29 s on the
 # Zen 5 EPYC (2026-12-03, bf16, 2 threads, idle), where the same recipe over two epochs gives 77.2 in 12 min.
