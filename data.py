@@ -180,7 +180,7 @@ BUILTIN_DATASETS = {"embedded": embedded_splits, "fashion-mnist": fashion_mnist_
 # CPU presets: the authors' recipe (pqcl.Config's defaults), except where a run of minutes on
 # 2 cores needs otherwise. The comments give the default run's k-NN top-1 (%, seed 0; random
 # init 20.2) for the alternatives tried, on the CPU path (--augment-on cpu, the default then);
-# docs/tuning.md has every run of ten rounds, most read off the collapse monitors; only the
+# docs/tuning.md has every run of eleven rounds, most read off the collapse monitors; only the
 # fifth's KoLeo term and the seventh's lr beat these values on three seeds or more.
 EMBEDDED = dict(
     arch="vit_tiny", depth=4, img_size=32, patch_size=4, query_size=12,  # 8 x 8 patches, 3 x 3 query patches
